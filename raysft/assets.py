@@ -1,0 +1,35 @@
+"""Locations of the files shipped inside raysft (tokenizer, recipe templates, sample data).
+
+A config value ``bundled:<relative path>`` points inside ``raysft/assets/``, so the default run and
+the tests never need a hub or ``../shared``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+BUNDLED_PREFIX = "bundled:"
+_ALIASES = {"smollm3": "tokenizer/smollm3"}
+TEMPLATES = {"sft": ASSETS / "templates" / "sft_chat_template.jinja", "mid": ASSETS / "templates" / "mid_chat_template.jinja"}
+
+
+def resolve(path: str | None) -> str | None:
+    """``bundled:smollm3`` -> absolute path of the bundled copy; any other value is returned as is."""
+    if path is None or not path.startswith(BUNDLED_PREFIX):
+        return path
+    rel = path[len(BUNDLED_PREFIX):]
+    full = ASSETS / _ALIASES.get(rel, rel)
+    if not full.exists():
+        raise FileNotFoundError(f"{path!r}: no bundled asset at {full}")
+    return str(full)
+
+
+def load_chat_template(spec: str | None) -> str | None:
+    """None -> None (use the tokenizer's); ``sft`` / ``mid`` -> the recipe templates; else a file path."""
+    if spec is None:
+        return None
+    path = TEMPLATES.get(spec) or Path(resolve(spec))
+    if not path.exists():
+        raise FileNotFoundError(f"data.chat_template={spec!r}: no such file; use 'sft', 'mid', a .jinja path, or null for the tokenizer's template")
+    return path.read_text()

@@ -1,0 +1,345 @@
+"""Typed configuration schema: one dataclass per Hydra group, registered in Hydra's ConfigStore.
+
+Every preset in ``conf/`` extends one of the ``base_*`` schema nodes through its defaults list, so a
+misspelt key or a wrong type in a preset or on the command line fails before Ray starts.
+Values that can be derived (gradient accumulation from the global batch, the step count from the
+data) are derived, not exposed twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = MISSING
+    """Hub id or local directory of the model. With ``init=random`` only its config.json is read."""
+    revision: str = "main"
+    init: str = "pretrained"
+    """``pretrained`` loads weights; ``random`` builds a fresh model from the architecture config."""
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    """Architecture fields replaced before a random init (how the tiny test model is scaled down)."""
+    tokenizer: Optional[str] = None
+    """Tokenizer location; defaults to ``name_or_path``. ``bundled:smollm3`` is the copy shipped in raysft."""
+    dtype: str = "float32"
+    """``float32`` | ``bfloat16`` | ``float16`` | ``auto``."""
+    attn_implementation: str = "sdpa"
+    """``flash_attention_2`` on GPUs (the recipes); falls back to ``sdpa`` without CUDA, with a log line."""
+    trust_remote_code: bool = False
+    use_liger_kernel: bool = False
+    """Apply liger-kernel's Triton kernels (GPU only; skipped with a log line on CPU)."""
+
+    def validate(self) -> None:
+        _check_choice("model.init", self.init, ("pretrained", "random"))
+        _check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16", "auto"))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class SourceConfig:
+    """One entry of an alignment-handbook ``dataset_mixture.datasets`` list (same keys)."""
+
+    id: Optional[str] = None
+    """Hub dataset id, e.g. ``HuggingFaceTB/smoltalk2`` (read from ``data.root`` when that is set)."""
+    path: Optional[str] = None
+    """Local file, directory, hub-layout mirror or ``save_to_disk`` folder, instead of ``id``."""
+    config: Optional[str] = None
+    split: str = "train"
+    columns: Optional[list[str]] = None
+    weight: float = 1.0
+    """Fraction of the source's rows kept after a seeded shuffle (handbook semantics).
+    ``weight > 1`` repeats the source ``ceil(weight)`` times, then keeps that fraction."""
+    name: Optional[str] = None
+    """Label used in stats and per-source losses; defaults to the split name."""
+
+    def validate(self) -> None:
+        if (self.id is None) == (self.path is None):
+            raise ValueError(f"data source {self.label!r}: set exactly one of `id` (hub dataset) or `path` (local)")
+        if not self.weight > 0:
+            raise ValueError(f"data source {self.label!r}: weight must be > 0, got {self.weight}")
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.split != "train":
+            return self.split
+        return (self.id or self.path or "?").rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclass
+class MixtureConfig:
+    datasets: list[SourceConfig] = field(default_factory=list)
+    seed: int = 42
+    test_split_size: float = 0.0
+    """Fraction of the mixed rows held out for evaluation (``train_test_split(test_size, seed)``)."""
+
+    def validate(self) -> None:
+        if not self.datasets:
+            raise ValueError("data.dataset_mixture.datasets is empty: list at least one source")
+        if not 0.0 <= self.test_split_size < 1.0:
+            raise ValueError(f"data.dataset_mixture.test_split_size must be in [0, 1), got {self.test_split_size}")
+
+
+@dataclass
+class DataConfig:
+    dataset_mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    root: Optional[str] = None
+    """Local mirror of hub datasets in hub layout (``<config>/<split>-*.parquet``); ``bundled:`` paths
+    resolve inside raysft's assets."""
+    format: str = "auto"
+    """``auto`` | ``messages`` | ``prompt_completion`` | ``text``."""
+    column_map: str = "default"
+    """``default`` (smoltalk2 / TRL names) or ``sharegpt`` (conversations / from / value)."""
+    chat_template: Optional[str] = None
+    """None = the tokenizer's template; ``mid`` / ``sft`` = the SmolLM3 recipe templates; or a .jinja path."""
+    eos_token: Optional[str] = "<|im_end|>"
+    loss: str = "assistant_only"
+    """``assistant_only`` (TRL assistant_only_loss), ``completion_only`` (prompt-completion) or ``all``."""
+    max_length: int = 1024
+    """Tokens per packed row (TRL ``max_length``)."""
+    packing: bool = True
+    packing_strategy: str = "bfd"
+    """``bfd`` (best-fit decreasing; ``ffd`` accepted as its old name), ``wrapped`` or ``none``."""
+    overlong: str = "truncate"
+    """What happens to a sequence longer than ``max_length``: ``truncate`` or ``drop`` (counted either way)."""
+    window_rows: int = 4096
+    """Rows packed together in one bounded BFD window (memory stays flat whatever the dataset size)."""
+    order: str = "handbook"
+    """``handbook``: the exact row order of the handbook's global shuffle (random reads; for data
+    that is cheap to read randomly). ``streaming``: the same rows, read file chunk by file chunk,
+    chunks interleaved by a seeded shuffle (sequential reads; for 100 GB mixtures)."""
+    max_bad_fraction: float = 0.01
+    """Abort when more than this fraction of a source's selected rows is malformed."""
+    date: Optional[str] = None
+    """Date the chat template prints (``strftime_now``), ISO format. None = the run's start date, recorded."""
+
+    def validate(self) -> None:
+        _check_choice("data.format", self.format, ("auto", "messages", "prompt_completion", "text"))
+        _check_choice("data.column_map", self.column_map, ("default", "sharegpt"))
+        _check_choice("data.loss", self.loss, ("assistant_only", "completion_only", "all"))
+        _check_choice("data.packing_strategy", self.packing_strategy, ("bfd", "ffd", "bfd_split", "wrapped", "none"))
+        _check_choice("data.overlong", self.overlong, ("truncate", "drop"))
+        _check_choice("data.order", self.order, ("handbook", "streaming"))
+        if self.max_length <= 0:
+            raise ValueError(f"data.max_length must be > 0, got {self.max_length}")
+        if self.window_rows <= 0:
+            raise ValueError(f"data.window_rows must be > 0, got {self.window_rows}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+@dataclass
+class TrainerConfig:
+    """A curated subset of TRL ``SFTConfig`` (same names). Anything else: ``trainer.trl_overrides``."""
+
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    """-1 = derived from the packed row count, epochs and the global batch (printed at start)."""
+    learning_rate: float = 3.0e-5
+    lr_scheduler_type: str = "cosine_with_min_lr"
+    lr_scheduler_kwargs: dict[str, Any] = field(default_factory=lambda: {"min_lr_rate": 0.1})
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.2
+    per_device_train_batch_size: int = 1
+    """Packed rows per worker per micro-step."""
+    gradient_accumulation_steps: int = 2
+    gradient_checkpointing: bool = False
+    use_reentrant: bool = True
+    bf16: bool = False
+    """Mixed precision on GPUs (the recipes); forced off on CPU, with a log line."""
+    average_tokens_across_devices: bool = True
+    logging_steps: int = 1
+    eval_steps: Optional[int] = None
+    """Evaluate on the held-out split every N steps (None: at the end only, when there is an eval split)."""
+    save_strategy: str = "steps"
+    save_steps: float = 0.05
+    """Steps between checkpoints, or a fraction of the run when < 1 (as in the recipes)."""
+    save_total_limit: int = 1
+    seed: int = 42
+    report_to: list[str] = field(default_factory=lambda: ["none"])
+    """Trackers: any of ``trackio``, ``wandb``, ``tensorboard``; ``none`` for none."""
+    trl_overrides: dict[str, Any] = field(default_factory=dict)
+    """Passed to ``SFTConfig`` as is, for fields not curated above."""
+
+    def validate(self) -> None:
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"trainer.{name} must be > 0, got {getattr(self, name)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"trainer.max_steps must be -1 (derive) or > 0, got {self.max_steps}")
+        _check_choice("trainer.save_strategy", self.save_strategy, ("steps", "epoch", "no"))
+
+
+# ----------------------------------------------------------------------------- infrastructure
+
+
+@dataclass
+class ScalingConfig:
+    """Maps to ``ray.train.ScalingConfig`` (same names)."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    accelerator_type: Optional[str] = None
+    """e.g. ``H100``: Ray only places workers on nodes of that type (the autoscaler starts them)."""
+    memory_per_worker_gb: Optional[float] = None
+    placement_strategy: str = "PACK"
+    address: Optional[str] = None
+    """Ray cluster address; None = ``RAY_ADDRESS`` if set, else an in-process local Ray."""
+    local_num_cpus: Optional[int] = None
+    """Logical CPUs of the in-process local Ray. None = workers' CPUs + 2 so Ray Data never starves
+    (Ray schedules by logical CPUs: with exactly 2 on a 2-core box two workers leave data 0 CPU)."""
+    data_cpus_per_task: float = 0.5
+    """CPUs reserved by each data preparation task (fractional, so it can share a core with workers)."""
+
+    def validate(self) -> None:
+        if self.num_workers <= 0:
+            raise ValueError(f"scaling.num_workers must be > 0, got {self.num_workers}")
+        _check_choice("scaling.placement_strategy", self.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+
+
+@dataclass
+class StorageConfig:
+    path: str = "runs"
+    """Where runs go: a local directory (relative to the launch directory) or ``s3://bucket/prefix``.
+    Endpoint, region and credentials come from the environment (AWS_*), never from the config."""
+    name: Optional[str] = None
+    """Run name; None = ``<model>-<data>-<timestamp>``. Re-using a name resumes that run."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    enabled: bool = False
+    stage: int = 3
+    zero3_init: bool = True
+    save_16bit_model: bool = True
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Merged into the generated DeepSpeed JSON config."""
+
+    def validate(self) -> None:
+        _check_choice("deepspeed.stage", self.stage, (0, 1, 2, 3))
+
+
+@dataclass
+class PeftConfig:
+    enabled: bool = False
+    method: str = "lora"
+    """``lora`` or ``qlora`` (4-bit base weights through bitsandbytes; GPUs)."""
+    r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: Any = "all-linear"
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+
+    def validate(self) -> None:
+        _check_choice("peft.method", self.method, ("lora", "qlora"))
+
+
+@dataclass
+class MonitorConfig:
+    sample_prompts: list[str] = field(default_factory=list)
+    """Fixed prompts generated from (greedy) every ``sample_every_steps`` steps."""
+    sample_every_steps: int = 0
+    """0 = only at the end of training."""
+    sample_max_new_tokens: int = 32
+
+
+@dataclass
+class RaySFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    stage: str = "custom"
+    """Name of the stage preset that set the trainer fields (for run names and model cards)."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {list(choices)}")
+
+
+GROUP_SCHEMAS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "trainer": TrainerConfig,
+    "scaling": ScalingConfig,
+    "storage": StorageConfig,
+    "deepspeed": DeepSpeedConfig,
+    "peft": PeftConfig,
+    "monitor": MonitorConfig,
+}
+
+
+def register_configs() -> None:
+    """Register the schema nodes that ``conf/**.yaml`` presets extend (``defaults: [base_<group>]``)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=RaySFTConfig)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=group, name=f"base_{group}", node=schema)
+
+
+def to_typed(cfg: DictConfig | dict) -> RaySFTConfig:
+    """Instantiate the dataclasses from a composed config and run every ``validate()`` check.
+
+    NOTE: checks live in ``validate()``, not ``__post_init__``: OmegaConf builds the schema's own
+    defaults (an empty mixture, a MISSING model) through the constructors, which must not fail.
+    """
+    if isinstance(cfg, dict):
+        cfg = OmegaConf.merge(OmegaConf.structured(RaySFTConfig), cfg)
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, RaySFTConfig)
+    _validate_tree(obj)
+    return obj
+
+
+def _validate_tree(node: Any) -> None:
+    if dataclasses.is_dataclass(node):
+        if hasattr(node, "validate"):
+            node.validate()
+        for f in dataclasses.fields(node):
+            _validate_tree(getattr(node, f.name))
+    elif isinstance(node, list):
+        for item in node:
+            _validate_tree(item)
+
+
+def to_plain(cfg: RaySFTConfig) -> dict[str, Any]:
+    """A plain dict (no OmegaConf objects) for Ray's ``train_loop_config`` and for saving."""
+    return dataclasses.asdict(cfg)
+
+
+def from_plain(d: dict[str, Any]) -> RaySFTConfig:
+    return to_typed(OmegaConf.merge(OmegaConf.structured(RaySFTConfig), d))
+
+
+def valid_keys(schema: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(schema)]

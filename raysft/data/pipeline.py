@@ -1,0 +1,324 @@
+"""The data pipeline on Ray Data: mixture plan -> work units -> packed, model-ready rows.
+
+    sources.resolve_files ─► mixture.plan_mixture ─► units.UnitPlan
+        ─► ray.data.from_items(units) ─► map_batches(PrepareUnit): read ► validate ► render+mask ► pack
+        ─► Ray Train: get_dataset_shard("train") on every worker (streaming_split)
+
+Everything heavy runs inside ``PrepareUnit``, one unit (a bounded window of rows) per call, so
+Ray Data streams units through a pool of actors with bounded memory, and the packed rows depend
+only on the config and the seed (``preserve_order``), not on the number of CPUs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+from raysft import assets
+from raysft.config import DataConfig
+from raysft.data import pack as packing
+from raysft.data.mixture import MixturePlan, plan_mixture
+from raysft.data.render import ChatRenderer
+from raysft.data.sources import SourceFile, read_rows, resolve_files
+from raysft.data.units import Unit, UnitPlan
+from raysft.data.validate import ColumnMap, DuplicateFilter, RowError, detect_format, normalize
+
+log = logging.getLogger(__name__)
+
+PACKED_COLUMNS = ("input_ids", "labels", "position_ids", "source_ids")
+MAX_EXAMPLES = 3  # bad-row examples kept per source and reason
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    name: str
+    files: tuple[SourceFile, ...]
+    columns: tuple[str, ...] | None
+    weight: float
+
+    @property
+    def num_rows(self) -> int:
+        return sum(f.num_rows for f in self.files)
+
+    def locate(self, rows: np.ndarray) -> Iterator[tuple[SourceFile, np.ndarray, np.ndarray]]:
+        """Split source-level rows into (file, rows in file, positions in ``rows``)."""
+        starts = np.cumsum([0] + [f.num_rows for f in self.files])
+        which = np.searchsorted(starts, rows, side="right") - 1
+        for i, f in enumerate(self.files):
+            pos = np.flatnonzero(which == i)
+            if len(pos):
+                yield f, rows[pos] - starts[i], pos
+
+
+def resolve_sources(data: DataConfig) -> list[ResolvedSource]:
+    root = assets.resolve(data.root)
+    out, seen = [], Counter()
+    for s in data.dataset_mixture.datasets:
+        files = resolve_files(id=s.id, path=assets.resolve(s.path), config=s.config, split=s.split, data_root=root)
+        name = s.label
+        seen[name] += 1
+        if seen[name] > 1:  # the same split listed twice stays two sources with distinct names
+            name = f"{name}#{seen[name]}"
+        out.append(ResolvedSource(name, tuple(files), tuple(s.columns) if s.columns else None, s.weight))
+    if len(out) > 32767:
+        raise ValueError("more than 32767 sources do not fit the int16 source_ids column")
+    return out
+
+
+# ----------------------------------------------------------------------------- spec
+
+
+@dataclass
+class DataSpec:
+    """Everything a PrepareUnit actor needs: plain, picklable, built once on the driver."""
+
+    data: DataConfig
+    sources: list[ResolvedSource]
+    plan: MixturePlan
+    tokenizer_path: str
+    date: str
+    epochs: int = 1
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    def unit_plan(self) -> UnitPlan:
+        return UnitPlan(self.plan, order=self.data.order, window_rows=self.data.window_rows,
+                        seed=self.data.dataset_mixture.seed, epochs=self.epochs)
+
+
+def build_spec(data: DataConfig, tokenizer_path: str, *, epochs: int = 1) -> DataSpec:
+    sources = resolve_sources(data)
+    mix = data.dataset_mixture
+    plan = plan_mixture([s.num_rows for s in sources], [s.weight for s in sources], mix.seed, mix.test_split_size)
+    date = data.date or datetime.date.today().isoformat()
+    return DataSpec(data, sources, plan, tokenizer_path, date, epochs)
+
+
+# ----------------------------------------------------------------------------- one unit
+
+
+def new_source_stats() -> dict[str, Any]:
+    return {"selected": 0, "kept": 0, "bad": {}, "examples": [], "tokens": 0, "trained_tokens": 0,
+            "truncated": 0, "dropped_too_long": 0}
+
+
+class PrepareUnit:
+    """Ray Data callable class: unit ids in, packed rows (or per-unit stats) out.
+
+    ``mode="rows"`` yields the packed columns; ``mode="stats"`` yields one row per unit holding its
+    counts as JSON (the stats pass that sizes the run reads no tensors back)."""
+
+    def __init__(self, spec: DataSpec, mode: str = "rows"):
+        from transformers import AutoTokenizer
+
+        self.spec, self.mode = spec, mode
+        self.units = {u.index: u for u in spec.unit_plan().units("train")}
+        self.eval_units = {u.index: u for u in spec.unit_plan().units("eval")}
+        self.unit_plan = spec.unit_plan()
+        data = spec.data
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_path)
+        self.renderer = ChatRenderer(self.tokenizer, assets.load_chat_template(data.chat_template),
+                                     date=datetime.date.fromisoformat(spec.date), loss=data.loss,
+                                     eos_token=data.eos_token)
+        self.cmap = ColumnMap.named(data.column_map)
+        self.strategy = packing.normalize_strategy(data.packing_strategy if data.packing else "none")
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
+        self.formats: dict[int, str] = {}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
+        for split, index in zip(batch["split"], batch["unit"]):
+            unit = (self.eval_units if split == "eval" else self.units)[int(index)]
+            columns, stats = self.prepare(unit)
+            if self.mode == "stats":
+                yield {"unit": np.array([unit.index]), "split": np.array([unit.split]),
+                       "stats": np.array([json.dumps(stats)])}
+            elif len(columns["input_ids"]):
+                yield {k: columns[k] for k in PACKED_COLUMNS}
+
+    def prepare(self, unit: Unit) -> tuple[dict[str, Any], dict[str, Any]]:
+        src_idx, rows = self.unit_plan.rows(unit)
+        names = self.spec.source_names
+        per_source = {n: new_source_stats() for n in names}
+        examples: list[dict | None] = [None] * len(rows)
+        for s in np.unique(src_idx):
+            self._read_source(int(s), rows, src_idx, examples, per_source[names[s]])
+
+        ok = [i for i, e in enumerate(examples) if e is not None]
+        rendered = self.renderer.render_batch([examples[i] for i in ok], on_error="return")
+        seqs: list[packing.Sequence] = []
+        for i, r in zip(ok, rendered):
+            s = int(src_idx[i])
+            st = per_source[names[s]]
+            if isinstance(r, ValueError):
+                self._bad(st, RowError("render", "messages", str(r)), s, int(rows[i]))
+                continue
+            seq = packing.Sequence(r.input_ids, r.labels, s)
+            if len(seq.input_ids) > self.spec.data.max_length and self.strategy != "wrapped":
+                trimmed = packing.truncate_or_drop(seq, self.spec.data.max_length, self.spec.data.overlong)
+                st["truncated" if trimmed is not None else "dropped_too_long"] += 1
+                if trimmed is None:
+                    continue
+                if not (trimmed.labels != -100).any():
+                    st["dropped_too_long"] += 1
+                    st["truncated"] -= 1
+                    continue
+                seq = trimmed
+            st["kept"] += 1
+            st["tokens"] += len(seq.input_ids)
+            st["trained_tokens"] += int((seq.labels != -100).sum())
+            seqs.append(seq)
+
+        columns = packing.pack(seqs, self.spec.data.max_length, self.strategy, self.pad_id)
+        n_rows = len(columns["input_ids"])
+        stats = {"unit": unit.index, "split": unit.split, "epoch": unit.epoch, "sources": per_source,
+                 "packed_rows": n_rows, "packed_tokens": int(np.sum(columns["num_tokens"])) if n_rows else 0}
+        return columns, stats
+
+    def _read_source(self, s: int, rows: np.ndarray, src_idx: np.ndarray, examples: list, st: dict) -> None:
+        source = self.spec.sources[s]
+        pos = np.flatnonzero(src_idx == s)
+        st["selected"] += len(pos)
+        wanted = rows[pos]
+        # Each physical row is read and validated once even when weight > 1 repeats it; rows are
+        # checked in file order so the *first* occurrence of a duplicate is the one kept.
+        unique, inverse = np.unique(wanted, return_inverse=True)
+        results: dict[int, dict | RowError] = {}
+        dups = DuplicateFilter(self.cmap)
+        for f, local, where in source.locate(unique):
+            for (row_in_file, raw), phys in zip(read_rows(f, local, list(source.columns) if source.columns else None), unique[where]):
+                results[int(phys)] = self._normalize(s, raw, dups) if not isinstance(raw, RowError) else raw
+                if isinstance(results[int(phys)], RowError):
+                    self._bad(st, results[int(phys)], s, int(phys), f.path, int(row_in_file))
+        for p, u in zip(pos, inverse):
+            r = results[int(unique[u])]
+            examples[p] = None if isinstance(r, RowError) else r
+
+    def _normalize(self, s: int, raw: dict, dups: DuplicateFilter) -> dict | RowError:
+        try:
+            fmt = self.formats.get(s)
+            if fmt is None and self.spec.data.format == "auto":
+                fmt = self.formats.setdefault(s, detect_format(raw.keys(), self.cmap) or "auto")
+            out = normalize(raw, fmt or self.spec.data.format, self.cmap)
+            if not isinstance(out, RowError):
+                out = dups.check(raw) or out
+            return out
+        except Exception as e:  # a row must never crash the pipeline: it is counted and reported
+            return RowError("unreadable", "row", f"{type(e).__name__}: {e}")
+
+    def _bad(self, st: dict, err: RowError, s: int, row: int, path: str | None = None, row_in_file: int | None = None) -> None:
+        st["bad"][err.reason] = st["bad"].get(err.reason, 0) + 1
+        if sum(1 for e in st["examples"] if e["reason"] == err.reason) < MAX_EXAMPLES:
+            st["examples"].append({"reason": err.reason, "file": path, "row": row_in_file if row_in_file is not None else row,
+                                   "field": err.field, "message": err.message})
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def build_dataset(spec: DataSpec, split: str = "train", mode: str = "rows", *, data_cpus: float = 0.5,
+                  concurrency: int = 1):
+    """A lazily executed Ray Dataset of packed rows (or per-unit stats) for ``split``."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # deterministic row order, whatever the CPU count
+    ctx.enable_progress_bars = False
+    units = spec.unit_plan().units(split)
+    if not units:
+        return None
+    items = [{"unit": u.index, "split": u.split} for u in units]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    return ds.map_batches(PrepareUnit, fn_constructor_kwargs={"spec": spec, "mode": mode}, batch_size=1,
+                          num_cpus=data_cpus, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=concurrency))
+
+
+@dataclass
+class DataStats:
+    sources: dict[str, dict[str, Any]]
+    train_packed_rows: int
+    train_packed_tokens: int
+    eval_packed_rows: int
+    max_length: int
+    date: str
+    per_epoch_units: int = 0
+    eval_sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def packing_efficiency(self) -> float:
+        return self.train_packed_tokens / max(1, self.train_packed_rows * self.max_length)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sources": self.sources, "eval_sources": self.eval_sources, "train_packed_rows": self.train_packed_rows,
+                "train_packed_tokens": self.train_packed_tokens, "eval_packed_rows": self.eval_packed_rows,
+                "max_length": self.max_length, "packing_efficiency": self.packing_efficiency, "date": self.date}
+
+
+class DataQualityError(RuntimeError):
+    """Too many malformed rows in a source: the message lists counts per reason and examples."""
+
+
+def collect_stats(spec: DataSpec, **kw) -> DataStats:
+    """One pass over epoch 0 and the eval split, returning counts only (no tensors)."""
+    one_epoch = DataSpec(spec.data, spec.sources, spec.plan, spec.tokenizer_path, spec.date, epochs=1)
+    merged: dict[str, dict] = {"train": {n: new_source_stats() for n in spec.source_names},
+                               "eval": {n: new_source_stats() for n in spec.source_names}}
+    packed = {"train": [0, 0], "eval": [0, 0]}
+    for split in ("train", "eval"):
+        ds = build_dataset(one_epoch, split, mode="stats", **kw)
+        if ds is None:
+            continue
+        for row in ds.iter_rows():
+            st = json.loads(row["stats"])
+            packed[split][0] += st["packed_rows"]
+            packed[split][1] += st["packed_tokens"]
+            for name, s in st["sources"].items():
+                _merge(merged[split][name], s)
+    stats = DataStats(merged["train"], packed["train"][0], packed["train"][1], packed["eval"][0],
+                      spec.data.max_length, spec.date, eval_sources=merged["eval"])
+    check_quality(stats, spec.data.max_bad_fraction)
+    return stats
+
+
+def _merge(into: dict, add: dict) -> None:
+    for k, v in add.items():
+        if k == "bad":
+            for reason, n in v.items():
+                into["bad"][reason] = into["bad"].get(reason, 0) + n
+        elif k == "examples":
+            for e in v:
+                if sum(1 for x in into["examples"] if x["reason"] == e["reason"]) < MAX_EXAMPLES:
+                    into["examples"].append(e)
+        else:
+            into[k] += v
+
+
+def check_quality(stats: DataStats, max_bad_fraction: float) -> None:
+    problems = []
+    for split_sources in (stats.sources, stats.eval_sources):
+        for name, st in split_sources.items():
+            # Duplicates are skipped and reported, but they are not malformed: they don't count here.
+            bad = sum(n for reason, n in st["bad"].items() if not reason.startswith("duplicate"))
+            if st["selected"] and bad / st["selected"] > max_bad_fraction:
+                lines = [f"  {reason}: {n}" for reason, n in sorted(st["bad"].items())]
+                ex = [f"  e.g. {e['file'] or name} row {e['row']}, field {e['field']}: {e['message']}" for e in st["examples"][:5]]
+                problems.append(f"source {name!r}: {bad} of {st['selected']} selected rows are malformed "
+                                f"({bad / st['selected']:.1%} > data.max_bad_fraction={max_bad_fraction}):\n" + "\n".join(lines + ex))
+    if problems:
+        raise DataQualityError("\n".join(problems) + "\nFix or drop these rows, or raise data.max_bad_fraction to train anyway.")
+    for split_sources in (stats.sources, stats.eval_sources):
+        for name, st in split_sources.items():
+            if st["bad"]:
+                log.warning("source %r: skipped %d malformed rows %s; first: %s", name, sum(st["bad"].values()),
+                            dict(st["bad"]), st["examples"][:1])

@@ -1,0 +1,158 @@
+"""The driver: composed config -> Ray -> data plan and stats -> TorchTrainer -> run directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from raysft.config import RaySFTConfig, to_plain
+from raysft.data.pipeline import DataSpec, DataStats, build_dataset, build_spec, collect_stats
+from raysft.storage import files
+from raysft.train import model as models
+
+log = logging.getLogger("raysft")
+
+SECRET_MARKERS = ("token", "secret", "password", "api_key", "access_key")
+
+
+@dataclass
+class RunResult:
+    run_uri: str
+    max_steps: int
+    stats: DataStats
+    metrics: dict[str, Any]
+
+
+def init_ray(cfg: RaySFTConfig) -> None:
+    """Connect to a cluster (``scaling.address`` or ``RAY_ADDRESS``) or start Ray in-process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = cfg.scaling.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    s = cfg.scaling
+    # Ray schedules by logical CPUs: with exactly as many as the train workers take, Ray Data gets
+    # none and the run hangs. Oversubscribe by default (the data tasks use fractional CPUs).
+    num_cpus = s.local_num_cpus or int(math.ceil(s.num_workers * s.cpus_per_worker)) + 2
+    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 << 20,
+             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}})
+
+
+def run_name(cfg: RaySFTConfig) -> str:
+    if cfg.storage.name:
+        return cfg.storage.name
+    model = os.path.basename(cfg.model.name_or_path.rstrip("/")).replace("bundled:", "")
+    return f"{model}-{cfg.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_uri_of(cfg: RaySFTConfig, name: str) -> str:
+    base = cfg.storage.path
+    if not files.is_remote(base):
+        base = os.path.abspath(base)
+    return files.join(base, name)
+
+
+def steps_for(stats: DataStats, cfg: RaySFTConfig) -> int:
+    """Optimizer steps the stream can feed: every worker gets the same number of full micro-batches."""
+    t, w = cfg.trainer, cfg.scaling.num_workers
+    rows_per_step = w * t.per_device_train_batch_size * t.gradient_accumulation_steps
+    steps = int(t.num_train_epochs * stats.train_packed_rows) // rows_per_step
+    if steps < 1:
+        raise ValueError(f"the data give {stats.train_packed_rows} packed rows per epoch, fewer than one optimizer step "
+                         f"needs ({w} workers x {t.per_device_train_batch_size} rows x {t.gradient_accumulation_steps} "
+                         f"accumulation = {rows_per_step}): add data, raise source weights or lower the batch")
+    return steps
+
+
+def redact(obj: Any) -> Any:
+    """Drop any secret-looking value before a config is written anywhere."""
+    if isinstance(obj, dict):
+        return {k: ("<redacted>" if any(m in str(k).lower() for m in SECRET_MARKERS) and v else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def prepare_data(cfg: RaySFTConfig) -> tuple[DataSpec, DataStats]:
+    spec = build_spec(cfg.data, models.tokenizer_path(cfg.model), epochs=max(1, math.ceil(cfg.trainer.num_train_epochs)))
+    cfg.data.date = spec.date  # pinned for every worker and recorded in the saved config
+    stats = collect_stats(spec, data_cpus=cfg.scaling.data_cpus_per_task)
+    return spec, stats
+
+
+def print_data_summary(stats: DataStats) -> None:
+    for name, st in stats.sources.items():
+        bad = sum(st["bad"].values())
+        print(f"  source {name}: {st['kept']:,} rows kept of {st['selected']:,} selected, {st['tokens']:,} tokens "
+              f"({st['trained_tokens']:,} trained), truncated {st['truncated']}, dropped {st['dropped_too_long']}, bad {bad}")
+    print(f"  packed: {stats.train_packed_rows:,} train rows x {stats.max_length} tokens, efficiency "
+          f"{stats.packing_efficiency:.1%}; {stats.eval_packed_rows:,} eval rows; template date {stats.date}")
+
+
+def run(cfg: RaySFTConfig) -> RunResult:
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from raysft.train.worker import LoopConfig, train_loop
+
+    if cfg.model.init == "pretrained":
+        models.check_available(cfg.model)  # fail before Ray starts
+    init_ray(cfg)
+    name = run_name(cfg)
+    run_uri = run_uri_of(cfg, name)
+    print(f"raysft: run {name} -> {run_uri}", flush=True)
+
+    spec, stats = prepare_data(cfg)
+    print_data_summary(stats)
+    max_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else steps_for(stats, cfg)
+    t = cfg.trainer
+    print(f"raysft: {cfg.scaling.num_workers} workers x {t.per_device_train_batch_size} rows x "
+          f"{t.gradient_accumulation_steps} accumulation = {cfg.scaling.num_workers * t.per_device_train_batch_size * t.gradient_accumulation_steps} "
+          f"rows/step ({cfg.data.max_length} tokens each) => {max_steps} optimizer steps", flush=True)
+
+    files.write_bytes(files.join(run_uri, "config.yaml"), yaml.safe_dump(redact(to_plain(cfg)), sort_keys=False).encode())
+    files.write_bytes(files.join(run_uri, "data_stats.json"), json.dumps(stats.to_json(), indent=1).encode())
+
+    datasets = {"train": build_dataset(spec, "train", data_cpus=cfg.scaling.data_cpus_per_task)}
+    has_eval = stats.eval_packed_rows >= cfg.scaling.num_workers
+    if has_eval:
+        datasets["eval"] = build_dataset(spec, "eval", data_cpus=cfg.scaling.data_cpus_per_task)
+    loop = LoopConfig(cfg=to_plain(cfg), run_uri=run_uri, max_steps=max_steps, source_names=spec.source_names, has_eval=has_eval)
+    storage_path, _ = os.path.split(run_uri)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop.to_dict(),
+        scaling_config=scaling_config(cfg),
+        run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=0),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.save_total_limit)),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+    )
+    result = trainer.fit()
+    print(f"raysft: done. Run directory: {run_uri}", flush=True)
+    return RunResult(run_uri, max_steps, stats, dict(result.metrics or {}))
+
+
+def scaling_config(cfg: RaySFTConfig):
+    from ray.train import ScalingConfig
+
+    s = cfg.scaling
+    resources: dict[str, float] = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    if s.memory_per_worker_gb:
+        resources["memory"] = s.memory_per_worker_gb * (1 << 30)
+    return ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+                         placement_strategy=s.placement_strategy, accelerator_type=s.accelerator_type)

@@ -1,0 +1,103 @@
+"""TRL's SFTTrainer fed directly from a Ray Data shard, with per-source losses.
+
+Why a subclass: handing SFTTrainer a ``datasets.IterableDataset`` built from the Ray shard trains,
+but accelerate re-shards the already-sharded stream and each worker silently drops about half its
+rows. Here the trainer gets a plain DataLoader over ``iter_torch_batches``: every worker consumes
+exactly the rows of its shard. The rows arrive packed and masked, so nothing is re-tokenised,
+re-packed or collated (``position_ids`` reach the model untouched).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+from trl import SFTTrainer
+
+MODEL_COLUMNS = ("input_ids", "labels", "position_ids")
+DTYPES = {"input_ids": torch.long, "labels": torch.long, "position_ids": torch.long, "source_ids": torch.long}
+
+
+class ShardBatches(IterableDataset):
+    """Batches of packed rows from a Ray Data shard (a ``DataIterator``), as torch tensors.
+
+    Every iteration is one pass over the shard; ``rows_consumed`` counts the rows handed out (a
+    test checks each worker consumes exactly its shard)."""
+
+    def __init__(self, shard, batch_size: int, *, drop_last: bool = True):
+        self.shard, self.batch_size, self.drop_last = shard, batch_size, drop_last
+        self.rows_consumed = 0
+
+    def __iter__(self):
+        for batch in self.shard.iter_torch_batches(batch_size=self.batch_size, dtypes=DTYPES,
+                                                   drop_last=self.drop_last, prefetch_batches=2):
+            self.rows_consumed += len(batch["input_ids"])
+            yield {k: batch[k] for k in (*MODEL_COLUMNS, "source_ids") if k in batch}
+
+
+class RaySFTTrainer(SFTTrainer):
+    def __init__(self, *args: Any, train_batches: ShardBatches, eval_batches: ShardBatches | None,
+                 source_names: list[str], **kwargs: Any):
+        self.train_batches, self.eval_batches = train_batches, eval_batches
+        self.source_names = source_names
+        self._pending_sources: torch.Tensor | None = None
+        n = len(source_names)
+        # Per-source [sum of token NLL, token count], train and eval; summed across ranks when logged.
+        self._source_sums = {"train": torch.zeros(2, n, dtype=torch.float64), "eval": torch.zeros(2, n, dtype=torch.float64)}
+        super().__init__(*args, **kwargs)
+        self._hook = self.model.register_forward_hook(self._capture_source_losses)
+
+    # ------------------------------------------------------------------ data
+
+    def get_train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_batches, batch_size=None, num_workers=0)
+
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        if self.eval_batches is None:
+            raise ValueError("no eval split: set data.dataset_mixture.test_split_size > 0 to evaluate")
+        return DataLoader(self.eval_batches, batch_size=None, num_workers=0)
+
+    # ------------------------------------------------------------------ per-source loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._pending_sources = inputs.pop("source_ids", None)
+        try:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        finally:
+            self._pending_sources = None
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        self._pending_sources = inputs.pop("source_ids", None)
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        finally:
+            self._pending_sources = None
+
+    def _capture_source_losses(self, module, args, output) -> None:
+        sources = self._pending_sources
+        log_probs = getattr(output, "log_probs", None)
+        if sources is None or log_probs is None:
+            return
+        with torch.no_grad():
+            # TRL's fused LM head scores position t+1 from t: align sources with labels[:, 1:].
+            src = sources[:, 1:].to(log_probs.device)
+            mask = output.label_mask & (src >= 0)
+            idx = src[mask].long().cpu()
+            nll = (-log_probs.detach()[mask]).double().cpu()
+            mode = "train" if module.training else "eval"
+            sums = self._source_sums[mode]
+            sums[0].index_add_(0, idx, nll)
+            sums[1].index_add_(0, idx, torch.ones_like(nll))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        sums = self._source_sums[mode]
+        if self.accelerator.num_processes > 1:  # every rank calls log(), so a collective is safe here
+            sums = self.accelerator.reduce(sums.to(self.accelerator.device), reduction="sum").cpu()
+        prefix = "eval_loss" if mode == "eval" else "loss"
+        for i, name in enumerate(self.source_names):
+            if sums[1, i] > 0:
+                logs[f"{prefix}/{name}"] = float(sums[0, i] / sums[1, i])
+        self._source_sums[mode].zero_()
+        super().log(logs, start_time)

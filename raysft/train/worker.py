@@ -1,0 +1,168 @@
+"""The function every Ray Train worker runs: setup -> data -> model -> trainer -> train -> save."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from raysft.config import RaySFTConfig, from_plain
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What the driver hands each worker (plain values only, as Ray's train_loop_config should be)."""
+
+    cfg: dict[str, Any]
+    run_uri: str
+    max_steps: int
+    source_names: list[str]
+    has_eval: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def build_sft_args(cfg: RaySFTConfig, *, output_dir: str, max_steps: int, has_eval: bool, bf16: bool, rank: int):
+    """SFTConfig from the curated ``trainer`` group; the data arrive packed, so TRL's own
+    preparation (tokenize, pack, collate) is switched off."""
+    import torch
+    from trl import SFTConfig
+
+    from raysft.train.deepspeed import deepspeed_config
+
+    t = cfg.trainer
+    cuda = torch.cuda.is_available()
+    ds = deepspeed_config(cfg.deepspeed)
+    eval_on = has_eval and t.eval_steps is not None
+    kwargs: dict[str, Any] = dict(
+        output_dir=output_dir,
+        max_steps=max_steps,
+        num_train_epochs=t.num_train_epochs,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        lr_scheduler_kwargs=dict(t.lr_scheduler_kwargs),
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": t.use_reentrant} if t.gradient_checkpointing else None,
+        bf16=bf16,
+        average_tokens_across_devices=t.average_tokens_across_devices,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if eval_on else "no",
+        eval_steps=t.eval_steps if eval_on else None,
+        save_strategy="no",  # checkpoints are Ray Train's (reported to storage), not the Trainer's local dirs
+        seed=t.seed,
+        report_to=[r for r in t.report_to if r != "none"] or "none",
+        deepspeed=ds,
+        # No CUDA: plain DDP needs use_cpu + gloo; DeepSpeed brings its own CPU accelerator (gloo too).
+        use_cpu=not cuda and ds is None,
+        ddp_backend=None if cuda else "gloo",
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        packing=False,
+        padding_free=False,
+        max_length=None,
+        dataloader_num_workers=0,
+        disable_tqdm=rank != 0,
+        ddp_find_unused_parameters=False,
+        include_num_input_tokens_seen="no",
+    )
+    kwargs.update(t.trl_overrides)
+    return SFTConfig(**kwargs)
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import torch
+
+    from raysft.storage import files
+    from raysft.train import model as models
+    from raysft.train.deepspeed import patch_accelerate_for_cpu_deepspeed
+    from raysft.train.metrics import MetricsCallback, SampleCallback
+    from raysft.train.trainer import RaySFTTrainer, ShardBatches
+
+    # ---------------------------------------------------------------- setup
+    lc = LoopConfig(**loop_config)
+    cfg = from_plain(lc.cfg)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+        if cfg.deepspeed.enabled:
+            patch_accelerate_for_cpu_deepspeed()
+    accel = models.resolve_accel(cfg.model, bf16=cfg.trainer.bf16)
+    local_run = None if files.is_remote(lc.run_uri) else files.filesystem(lc.run_uri)[1]
+    scratch = tempfile.mkdtemp(prefix=f"raysft-rank{rank}-")
+
+    # ---------------------------------------------------------------- data
+    batch = cfg.trainer.per_device_train_batch_size
+    train_batches = ShardBatches(ray.train.get_dataset_shard("train"), batch)
+    eval_batches = ShardBatches(ray.train.get_dataset_shard("eval"), batch, drop_last=False) if lc.has_eval else None
+
+    # ---------------------------------------------------------------- model
+    # The SFTConfig goes first: with ZeRO-3 it registers the DeepSpeed config that makes
+    # from_pretrained / from_config build the model already partitioned (zero3_init).
+    args = build_sft_args(cfg, output_dir=scratch, max_steps=lc.max_steps, has_eval=lc.has_eval, bf16=accel.bf16, rank=rank)
+    tokenizer = models.load_tokenizer(cfg.model)
+    net = models.build_model(cfg.model, accel, peft=cfg.peft, seed=cfg.trainer.seed)
+
+    # ---------------------------------------------------------------- trainer
+    import datasets
+
+    # SFTTrainer insists on a datasets object; the real rows come from the Ray shard (ShardBatches).
+    placeholder = datasets.IterableDataset.from_generator(_placeholder_rows)
+    metrics = MetricsCallback(os.path.join(local_run, "metrics.jsonl") if local_run else os.path.join(scratch, "metrics.jsonl"),
+                              world_size=world)
+    samples = SampleCallback(tokenizer, list(cfg.monitor.sample_prompts), every_steps=cfg.monitor.sample_every_steps,
+                             max_new_tokens=cfg.monitor.sample_max_new_tokens, metrics=metrics)
+    trainer = RaySFTTrainer(
+        model=net, args=args, train_dataset=placeholder, eval_dataset=placeholder if lc.has_eval else None,
+        processing_class=tokenizer, peft_config=models.lora_config(cfg.peft) if cfg.peft.enabled else None,
+        callbacks=[metrics, samples], train_batches=train_batches, eval_batches=eval_batches,
+        source_names=lc.source_names,
+    )
+    if rank == 0 and cfg.peft.enabled:
+        trainable, total = _param_counts(trainer.model)
+        log.info("PEFT %s: trainable params %s / %s (%.2f%%)", cfg.peft.method, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    # ---------------------------------------------------------------- train
+    result = trainer.train()
+    final_eval = trainer.evaluate() if lc.has_eval else {}
+
+    # ---------------------------------------------------------------- save
+    model_dir = os.path.join(scratch, "model")
+    trainer.save_model(model_dir)  # every rank: ZeRO-3 gathers the shards, rank 0 writes
+    if rank == 0:
+        tokenizer.save_pretrained(model_dir)
+        summary = {"global_step": trainer.state.global_step, "train_loss_mean": result.training_loss,
+                   "train_runtime_s": result.metrics.get("train_runtime"), "num_tokens": trainer._total_train_tokens,
+                   "rows_consumed_rank0": train_batches.rows_consumed, **final_eval}
+        with open(os.path.join(scratch, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        files.upload_dir(model_dir, files.join(lc.run_uri, "model"))
+        files.write_bytes(files.join(lc.run_uri, "train_summary.json"), json.dumps(summary, indent=1).encode())
+        if not local_run:
+            files.write_bytes(files.join(lc.run_uri, "metrics.jsonl"), open(metrics.path, "rb").read())
+    ray.train.report({"rows_consumed": train_batches.rows_consumed, "rank": rank, "done": 1})
+
+
+def _placeholder_rows():
+    yield {"input_ids": [0], "labels": [0]}
+
+
+def _param_counts(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
