@@ -229,13 +229,15 @@ class PrepareUnit:
 
 def build_dataset(spec: DataSpec, split: str = "train", mode: str = "rows", *, data_cpus: float = 0.5,
                   concurrency: int = 1):
-    """A lazily executed Ray Dataset of packed rows (or per-unit stats) for ``split``."""
+    """A lazily executed Ray Dataset of packed rows (or per-unit stats) for ``split``
+    (``"train"``, ``"eval"``, or ``"all"`` = both, for the stats pass)."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic row order, whatever the CPU count
     ctx.enable_progress_bars = False
-    units = spec.unit_plan().units(split)
+    plan = spec.unit_plan()
+    units = [u for s in (("train", "eval") if split == "all" else (split,)) for u in plan.units(s)]
     if not units:
         return None
     items = [{"unit": u.index, "split": u.split} for u in units]
@@ -275,16 +277,13 @@ def collect_stats(spec: DataSpec, **kw) -> DataStats:
     merged: dict[str, dict] = {"train": {n: new_source_stats() for n in spec.source_names},
                                "eval": {n: new_source_stats() for n in spec.source_names}}
     packed = {"train": [0, 0], "eval": [0, 0]}
-    for split in ("train", "eval"):
-        ds = build_dataset(one_epoch, split, mode="stats", **kw)
-        if ds is None:
-            continue
-        for row in ds.iter_rows():
-            st = json.loads(row["stats"])
-            packed[split][0] += st["packed_rows"]
-            packed[split][1] += st["packed_tokens"]
-            for name, s in st["sources"].items():
-                _merge(merged[split][name], s)
+    for row in build_dataset(one_epoch, "all", mode="stats", **kw).iter_rows():
+        st = json.loads(row["stats"])
+        split = st["split"]
+        packed[split][0] += st["packed_rows"]
+        packed[split][1] += st["packed_tokens"]
+        for name, s in st["sources"].items():
+            _merge(merged[split][name], s)
     stats = DataStats(merged["train"], packed["train"][0], packed["train"][1], packed["eval"][0],
                       spec.data.max_length, spec.date, eval_sources=merged["eval"])
     check_quality(stats, spec.data.max_bad_fraction)

@@ -1,0 +1,59 @@
+"""Shared fixtures: the real Hydra config with tiny overrides, and one local Ray cluster per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray with 4 logical CPUs (2 train workers + data, on a 2-core machine)."""
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, object_store_memory=512 << 20,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    # Left running for the rest of the session; pytest's exit tears the processes down.
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from raysft import assets
+
+    return AutoTokenizer.from_pretrained(assets.resolve("bundled:smollm3"))
+
+
+def compose(*overrides: str):
+    """The real config tree, composed exactly as the CLI does."""
+    from raysft.cli import compose as cli_compose
+
+    return cli_compose(list(overrides))
+
+
+@pytest.fixture
+def compose_cfg():
+    return compose
+
+
+def shared_path(*parts: str) -> Path:
+    """A path in ../shared, skipping the test when it is absent (the project never needs it at run time)."""
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} not present")
+    return p
