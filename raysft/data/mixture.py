@@ -13,7 +13,8 @@ so the selected rows are the same rows ``datasets`` would select (``tests/test_m
 
 Divergence, documented: the handbook has no ``weight > 1``. Here a source with weight ``w > 1`` is
 repeated ``ceil(w)`` times before step 1, and ``int(len * w)`` rows are kept from the repeated,
-shuffled copy, so every row appears ``floor(w)`` or ``ceil(w)`` times.
+shuffled copy (every row of the first ``floor(w)`` copies, then the first rows of the last copy in
+shuffled order), so every row appears ``floor(w)`` or ``ceil(w)`` times.
 """
 
 from __future__ import annotations
@@ -62,7 +63,13 @@ def select_source_rows(num_rows: int, weight: float, seed: int) -> np.ndarray:
     permutation = np.random.default_rng(seed).permutation(total)
     keep = int(num_rows * weight)
     # Row i of the repeated table is physical row i % num_rows (copies are concatenated).
-    return (permutation[:keep] % max(num_rows, 1)).astype(np.int64)
+    # Keep every entry of the first `whole` copies, plus the first `rest` entries (in shuffled
+    # order) of the last copy: each row appears floor(w) or ceil(w) times. For w <= 1 or an
+    # integer w this is exactly permutation[:keep].
+    whole, rest = divmod(keep, max(num_rows, 1))
+    in_whole = permutation < whole * num_rows
+    in_rest = ~in_whole & (np.cumsum(~in_whole) <= rest)
+    return (permutation[in_whole | in_rest] % max(num_rows, 1)).astype(np.int64)
 
 
 def plan_mixture(

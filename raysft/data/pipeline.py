@@ -148,13 +148,23 @@ class PrepareUnit:
                 yield {k: columns[k] for k in PACKED_COLUMNS}
 
     def prepare(self, unit: Unit) -> tuple[dict[str, Any], dict[str, Any]]:
+        return self.pack_unit(unit, *self.read_unit(unit))
+
+    def read_unit(self, unit: Unit) -> tuple[np.ndarray, np.ndarray, list[dict | None], dict[str, dict]]:
+        """A unit's (source indices, physical rows), the normalized example at each position (None for
+        a bad row) and the per-source stats so far. ``raysft data preview`` renders from this too."""
         src_idx, rows = self.unit_plan.rows(unit)
         names = self.spec.source_names
         per_source = {n: new_source_stats() for n in names}
         examples: list[dict | None] = [None] * len(rows)
         for s in np.unique(src_idx):
             self._read_source(int(s), rows, src_idx, examples, per_source[names[s]])
+        return src_idx, rows, examples, per_source
 
+    def pack_unit(self, unit: Unit, src_idx: np.ndarray, rows: np.ndarray, examples: list[dict | None],
+                  per_source: dict[str, dict]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Render, mask, truncate and pack what ``read_unit`` returned: (packed columns, unit stats)."""
+        names = self.spec.source_names
         ok = [i for i, e in enumerate(examples) if e is not None]
         rendered = self.renderer.render_batch([examples[i] for i in ok], on_error="return")
         seqs: list[packing.Sequence] = []

@@ -19,6 +19,7 @@ from raysft.train import model as models
 
 log = logging.getLogger("raysft")
 
+EVAL_MATERIALIZE_MAX_TOKENS = 200_000_000  # ~2.4 GB of packed int32/int16 columns
 SECRET_MARKERS = ("token", "secret", "password", "api_key", "access_key")
 
 
@@ -128,7 +129,12 @@ def run(cfg: RaySFTConfig) -> RunResult:
     datasets = {"train": build_dataset(spec, "train", data_cpus=cfg.scaling.data_cpus_per_task)}
     has_eval = stats.eval_packed_rows >= cfg.scaling.num_workers
     if has_eval:
-        datasets["eval"] = build_dataset(spec, "eval", data_cpus=cfg.scaling.data_cpus_per_task)
+        eval_ds = build_dataset(spec, "eval", data_cpus=cfg.scaling.data_cpus_per_task)
+        # A small eval split is prepared once and kept in the object store: otherwise every
+        # evaluation re-runs the pipeline (actor start-up, tokenizer load) for a handful of rows.
+        if stats.eval_packed_rows * cfg.data.max_length <= EVAL_MATERIALIZE_MAX_TOKENS:
+            eval_ds = eval_ds.materialize()
+        datasets["eval"] = eval_ds
     loop = LoopConfig(cfg=to_plain(cfg), run_uri=run_uri, max_steps=max_steps, source_names=spec.source_names, has_eval=has_eval)
     storage_path, _ = os.path.split(run_uri)
     trainer = TorchTrainer(

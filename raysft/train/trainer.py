@@ -33,7 +33,10 @@ class ShardBatches(IterableDataset):
         for batch in self.shard.iter_torch_batches(batch_size=self.batch_size, dtypes=DTYPES,
                                                    drop_last=self.drop_last, prefetch_batches=2):
             self.rows_consumed += len(batch["input_ids"])
-            yield {k: batch[k] for k in (*MODEL_COLUMNS, "source_ids") if k in batch}
+            # TRL's padding-free layout: the B packed rows become one row of B*L tokens. The
+            # per-sequence position_ids keep sequences apart (flash-attn varlen / sdpa block mask),
+            # and TRL's token counter (position_ids.size(1)) then counts every token.
+            yield {k: batch[k].reshape(1, -1) for k in (*MODEL_COLUMNS, "source_ids") if k in batch}
 
 
 class RaySFTTrainer(SFTTrainer):
@@ -63,16 +66,45 @@ class RaySFTTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._pending_sources = inputs.pop("source_ids", None)
         try:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            if self.args.device.type == "cuda":
+                return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            return self._compute_loss_unfused(model, inputs, return_outputs, num_items_in_batch)
         finally:
             self._pending_sources = None
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        self._pending_sources = inputs.pop("source_ids", None)
-        try:
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
-        finally:
-            self._pending_sources = None
+    def _compute_loss_unfused(self, model, inputs, return_outputs, num_items_in_batch):
+        """The same loss and metrics as TRL's ``compute_loss``, from plain logits.
+
+        NOTE: divergence from TRL, CPU only. TRL's fused LM head scores every position in tiles and
+        recomputes them in backward; without Triton that is ~4x slower than a plain forward here
+        (measured: 512 tokens, 128k vocab, 1 thread: 8-10 s vs 1.7-2.7 s per forward+backward).
+        On CUDA the TRL path above is used unchanged."""
+        mode = "train" if self.model.training else "eval"
+        labels = inputs["labels"]
+        outputs = model(input_ids=inputs["input_ids"], position_ids=inputs.get("position_ids"), use_cache=False)
+        logits = outputs.logits[:, :-1].float()
+        target = labels[:, 1:]
+        mask = target != -100
+        log_probs = torch.log_softmax(logits, dim=-1)
+        token_logp = log_probs.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
+        denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        loss = -token_logp.sum() / torch.as_tensor(denom).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as TRL: DDP averages gradients across ranks
+        with torch.no_grad():
+            entropy = -(log_probs.exp() * log_probs).sum(-1)
+            gather = self.accelerator.gather_for_metrics
+            num_valid = gather(mask.sum()).sum()
+            entropy_sum = gather((entropy * mask).sum()).sum()
+            num_correct = gather(((logits.argmax(-1) == target) & mask).sum()).sum()
+            self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
+            self._metrics[mode]["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
+            if mode == "train":
+                self._total_train_tokens += gather(torch.tensor(inputs["input_ids"].numel())).sum().item()
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            if self._pending_sources is not None:
+                self._accumulate_sources(mode, self._pending_sources[:, 1:], -token_logp, mask)
+        return (loss, outputs) if return_outputs else loss
 
     def _capture_source_losses(self, module, args, output) -> None:
         sources = self._pending_sources
@@ -81,14 +113,16 @@ class RaySFTTrainer(SFTTrainer):
             return
         with torch.no_grad():
             # TRL's fused LM head scores position t+1 from t: align sources with labels[:, 1:].
-            src = sources[:, 1:].to(log_probs.device)
-            mask = output.label_mask & (src >= 0)
-            idx = src[mask].long().cpu()
-            nll = (-log_probs.detach()[mask]).double().cpu()
             mode = "train" if module.training else "eval"
-            sums = self._source_sums[mode]
-            sums[0].index_add_(0, idx, nll)
-            sums[1].index_add_(0, idx, torch.ones_like(nll))
+            self._accumulate_sources(mode, sources[:, 1:].to(log_probs.device), -log_probs.detach(), output.label_mask)
+
+    def _accumulate_sources(self, mode: str, sources: torch.Tensor, nll: torch.Tensor, mask: torch.Tensor) -> None:
+        mask = mask & (sources >= 0)
+        idx = sources[mask].long().cpu()
+        values = nll[mask].double().cpu()
+        sums = self._source_sums[mode]
+        sums[0].index_add_(0, idx, values)
+        sums[1].index_add_(0, idx, torch.ones_like(values))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"

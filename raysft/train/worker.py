@@ -98,6 +98,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "Reporting training result" line per log step otherwise
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         if cfg.deepspeed.enabled:

@@ -1,0 +1,298 @@
+"""Offline ``raysft`` subcommands: look at the data a run would see, without a GPU.
+
+    raysft data preview [--rows N] [--no-color] [overrides...]
+        The first N rendered training examples of the first unit, masked tokens marked, then the
+        first packed row. Pure modules only: no Ray.
+    raysft data stats [--out DIR] [overrides...]
+        The full stats pass a training run starts with (local Ray), printed per source and written
+        to DIR/stats.json and DIR/mixture.png.
+
+The config is composed exactly as training composes it (``raysft.cli.compose``).
+Exit codes: 0 ok, 1 data could not be read, 2 bad usage or config, 3 too many malformed rows.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+USAGE = ("usage: raysft data preview [--rows N] [--no-color] [overrides...]\n"
+         "       raysft data stats [--out DIR] [overrides...]")
+
+
+class UsageError(ValueError):
+    pass
+
+
+def dispatch(argv: list[str]) -> int:
+    """``argv`` starts with the subcommand group, e.g. ``["data", "preview", "--rows", "2"]``."""
+    if argv[:1] == ["data"] and argv[1:2] in (["-h"], ["--help"], ["help"]):
+        print(USAGE)
+        return 0
+    if len(argv) < 2 or argv[0] != "data":
+        return _usage_error(f"expected 'data preview' or 'data stats', got {' '.join(argv) or 'nothing'}")
+    action, rest = argv[1], argv[2:]
+    if action not in ("preview", "stats"):
+        return _usage_error(f"unknown command 'data {action}'")
+    try:
+        opts, overrides = _parse(rest, {"preview": {"--rows": int, "--no-color": bool},
+                                        "stats": {"--out": str}}[action])
+    except UsageError as e:
+        return _usage_error(str(e))
+    if opts.get("help"):
+        print(USAGE)
+        return 0
+    try:
+        cfg = _compose(overrides)
+    except Exception as e:  # noqa: BLE001 - any composition failure is a config/usage error
+        msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        if e.__cause__ is not None and str(e.__cause__) not in msg:
+            msg += f"\n  caused by: {str(e.__cause__).splitlines()[0]}"
+        return _usage_error(msg)
+
+    from raysft.data.sources import DataSourceError
+
+    try:
+        if action == "preview":
+            rows = opts.get("--rows", 3)
+            if rows < 1:
+                return _usage_error("--rows must be >= 1")
+            color = sys.stdout.isatty() and not opts.get("--no-color", False)
+            return preview(cfg, rows=rows, color=color)
+        return stats(cfg, out=opts.get("--out"))
+    except (DataSourceError, FileNotFoundError) as e:
+        print(f"raysft: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _usage_error(msg: str) -> int:
+    print(f"raysft: error: {msg}", file=sys.stderr)
+    print(USAGE, file=sys.stderr)
+    return 2
+
+
+def _parse(args: list[str], spec: dict[str, type]) -> tuple[dict[str, Any], list[str]]:
+    """Our few ``--options`` anywhere on the line; every other word is a Hydra override."""
+    opts: dict[str, Any] = {}
+    overrides: list[str] = []
+    it = iter(args)
+    for a in it:
+        if a in ("-h", "--help"):
+            opts["help"] = True
+            continue
+        if not a.startswith("--"):
+            if a.startswith("-"):
+                raise UsageError(f"unknown option {a!r}")
+            overrides.append(a)
+            continue
+        name, eq, value = a.partition("=")
+        if name not in spec:
+            raise UsageError(f"unknown option {name!r}; valid here: {', '.join(spec)}")
+        kind = spec[name]
+        if kind is bool:
+            if eq:
+                raise UsageError(f"{name} takes no value")
+            opts[name] = True
+            continue
+        if not eq:
+            value = next(it, None)
+            if value is None:
+                raise UsageError(f"{name} needs a value")
+        try:
+            opts[name] = kind(value)
+        except ValueError:
+            raise UsageError(f"{name} needs {kind.__name__}, got {value!r}") from None
+    return opts, overrides
+
+
+def _compose(overrides: list[str]):
+    from raysft.cli import compose
+
+    return compose(overrides)
+
+
+def _tokenizer_path(cfg) -> str:
+    from raysft.train.model import tokenizer_path
+
+    return tokenizer_path(cfg.model)
+
+
+# ----------------------------------------------------------------------------- preview
+
+
+def preview(cfg, *, rows: int = 3, color: bool = False) -> int:
+    from raysft.data.pipeline import PrepareUnit, build_spec
+    from raysft.data.render import IGNORE_INDEX, format_masked
+
+    data = cfg.data
+    spec = build_spec(data, _tokenizer_path(cfg))
+    units = spec.unit_plan().units("train")
+    print(f"raysft data preview: {len(spec.sources)} source(s) ({', '.join(spec.source_names)}); "
+          f"{spec.plan.num_train:,} train rows in {len(units)} unit(s); max_length {data.max_length}, "
+          f"loss {data.loss}, template {data.chat_template or '(tokenizer)'}, date {spec.date}")
+    if not units:
+        print("no training rows selected (check the source weights)")
+        return 0
+    unit = units[0]
+    pu = PrepareUnit(spec, mode="rows")  # a plain class: used directly, no Ray
+    src_idx, row_ids, examples, per_source = pu.read_unit(unit)
+    mark = "dimmed" if color else "«…»"
+    print(f"unit 0: {len(row_ids):,} rows; masked (not trained) tokens shown {mark}\n")
+
+    shown, skipped = 0, 0
+    for pos, ex in enumerate(examples):
+        if shown >= rows:
+            break
+        s = int(src_idx[pos])
+        where = _where(spec.sources[s], int(row_ids[pos]))
+        if ex is None:
+            skipped += 1
+            continue
+        (r,) = pu.renderer.render_batch([ex], on_error="return")
+        if isinstance(r, ValueError):
+            skipped += 1
+            print(f"(skipped a row that does not render: {spec.source_names[s]} {where}: {r})\n")
+            continue
+        shown += 1
+        n, trained = r.num_tokens, int(np.count_nonzero(r.labels != IGNORE_INDEX))
+        note = ""
+        if n > data.max_length:
+            note = (f"; longer than max_length: {'truncated to' if data.overlong == 'truncate' else 'dropped, was'} "
+                    f"{data.max_length if data.overlong == 'truncate' else n} tokens")
+        header = f"── example {shown}/{rows} · source {spec.source_names[s]} · {where} · {n:,} tokens, {trained:,} trained{note} "
+        print(header + "─" * max(0, 100 - len(header)))
+        print(format_masked(pu.tokenizer, r.input_ids, r.labels, color=color))
+        print()
+    if skipped:
+        print(f"({skipped} bad row(s) skipped before these; `raysft data stats` counts them per reason)\n")
+
+    columns, _ = pu.pack_unit(unit, src_idx, row_ids, examples, per_source)
+    n_rows = len(columns["input_ids"])
+    if not n_rows:
+        print("the first unit packs into no rows")
+        return 0
+    lengths = [int(x) for x in columns["seq_lengths"][0]]
+    starts = np.cumsum([0] + lengths[:-1])
+    srcs = [spec.source_names[int(columns["source_ids"][0][i])] for i in starts]
+    num = int(columns["num_tokens"][0])
+    pad = data.max_length - num
+    print(f"── packed row 0 of {n_rows} in unit 0 ({pu.strategy}): {len(lengths)} sequence(s), {num:,} tokens "
+          f"+ {pad:,} pad = {data.max_length:,}")
+    print(f"  sequence lengths: {lengths}")
+    print(f"  sources:          {srcs}")
+    eff = float(np.sum(columns["num_tokens"])) / (n_rows * data.max_length)
+    print(f"  pad tokens: {pad:,}; unit 0 packing efficiency {eff:.1%} over {n_rows} rows")
+    return 0
+
+
+def _where(source, row: int) -> str:
+    for f, local, _ in source.locate(np.array([row])):
+        return f"{os.path.basename(f.path)} row {int(local[0])}"
+    return f"row {row}"
+
+
+# ----------------------------------------------------------------------------- stats
+
+
+def stats(cfg, *, out: str | None = None) -> int:
+    import ray
+
+    from raysft.data.pipeline import DataQualityError
+    from raysft.launch.driver import init_ray, prepare_data
+
+    started = not ray.is_initialized()
+    init_ray(cfg)
+    try:
+        try:
+            spec, st = prepare_data(cfg)
+        except DataQualityError as e:
+            print(f"raysft: data quality check failed:\n{e}", file=sys.stderr)
+            return 3
+    finally:
+        if started:
+            ray.shutdown()
+
+    report = stats_report(st)
+    print_stats(report)
+    out_dir = Path(out or os.path.join("outputs", "data-stats", time.strftime("%Y%m%d-%H%M%S")))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "stats.json").write_text(json.dumps(report, indent=1))
+    plot_mixture(report, out_dir / "mixture.png")
+    print(f"wrote {out_dir / 'stats.json'}")
+    print(f"wrote {out_dir / 'mixture.png'}")
+    return 0
+
+
+def stats_report(st) -> dict[str, Any]:
+    """``DataStats.to_json()`` plus the derived numbers the command prints (shares, totals)."""
+    report = st.to_json()
+    tokens = sum(s["tokens"] for s in st.sources.values())
+    trained = sum(s["trained_tokens"] for s in st.sources.values())
+    report["totals"] = {k: sum(s[k] for s in st.sources.values())
+                        for k in ("selected", "kept", "tokens", "trained_tokens", "truncated", "dropped_too_long")}
+    report["totals"]["bad"] = sum(sum(s["bad"].values()) for s in st.sources.values())
+    report["shares"] = {name: {"tokens": s["tokens"] / tokens if tokens else 0.0,
+                               "trained_tokens": s["trained_tokens"] / trained if trained else 0.0}
+                        for name, s in st.sources.items()}
+    report["eval_totals"] = {k: sum(s[k] for s in st.eval_sources.values())
+                             for k in ("selected", "kept", "tokens", "trained_tokens")}
+    report["generated"] = datetime.datetime.now().isoformat(timespec="seconds")
+    return report
+
+
+def print_stats(report: dict[str, Any]) -> None:
+    w = max([len("source")] + [len(n) for n in report["sources"]])
+    cols = ("selected", "kept", "tokens", "trained", "truncated", "dropped", "bad")
+    print(f"{'source':<{w}}  " + "  ".join(f"{c:>12}" for c in cols))
+    rows = list(report["sources"].items()) + [("total", {**report["totals"], "bad": {"": report["totals"]["bad"]}})]
+    for name, s in rows:
+        vals = (s["selected"], s["kept"], s["tokens"], s["trained_tokens"], s["truncated"], s["dropped_too_long"],
+                sum(s["bad"].values()))
+        print(f"{name:<{w}}  " + "  ".join(f"{v:>12,}" for v in vals))
+    for name, s in report["sources"].items():
+        if s["bad"]:
+            print(f"  {name}: bad rows by reason: " + ", ".join(f"{r}={n}" for r, n in sorted(s["bad"].items())))
+            for e in s["examples"][:3]:
+                print(f"    e.g. {e['file'] or name} row {e['row']}, field {e['field']}: {e['message']}")
+    for name, sh in report["shares"].items():
+        print(f"  share {name}: {sh['trained_tokens']:.1%} of trained tokens, {sh['tokens']:.1%} of tokens")
+    print(f"packed: {report['train_packed_rows']:,} train rows x {report['max_length']:,} tokens; "
+          f"packing efficiency {report['packing_efficiency']:.1%} (non-pad tokens / total)")
+    ev = report["eval_totals"]
+    print(f"eval: {report['eval_packed_rows']:,} packed rows ({ev['kept']:,} rows kept of {ev['selected']:,} selected, "
+          f"{ev['tokens']:,} tokens); template date {report['date']}")
+
+
+def plot_mixture(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["shares"])
+    trained = [report["shares"][n]["trained_tokens"] * 100 for n in names]
+    tokens = [report["shares"][n]["tokens"] * 100 for n in names]
+    y = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.55 * len(names)))
+    ax.barh(y - 0.2, trained, height=0.4, label="trained tokens")
+    ax.barh(y + 0.2, tokens, height=0.4, label="all tokens")
+    for yy, a, b in zip(y, trained, tokens):
+        ax.text(a, yy - 0.2, f" {a:.1f}%", va="center", fontsize=8)
+        ax.text(b, yy + 0.2, f" {b:.1f}%", va="center", fontsize=8)
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlabel("share of the mixture (%)")
+    ax.set_xlim(0, max(trained + tokens + [1]) * 1.15)
+    ax.set_title(f"data mixture: {report['train_packed_rows']:,} packed rows x {report['max_length']} tokens, "
+                 f"efficiency {report['packing_efficiency']:.1%}", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
