@@ -2,6 +2,7 @@
 
     raysft [overrides...]                 train (the default job with no overrides)
     raysft data preview|stats [overrides] look at the data a run would see
+    raysft export SRC DEST [--merge]      a consolidated Hugging Face model from a run
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from raysft.config import GROUP_SCHEMAS, RaySFTConfig, register_configs, to_typed
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-SUBCOMMANDS = {"data"}
+SUBCOMMANDS = {"data", "export"}
 
 
 class OverrideKeyError(ValueError):
@@ -92,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     register_configs()
     try:
+        if argv and argv[0] == "export":
+            from raysft.launch import export
+
+            return export.main(argv[1:])
         if argv and argv[0] in SUBCOMMANDS:
             from raysft.launch import commands
 

@@ -207,6 +207,10 @@ class ScalingConfig:
     (Ray schedules by logical CPUs: with exactly 2 on a 2-core box two workers leave data 0 CPU)."""
     data_cpus_per_task: float = 0.5
     """CPUs reserved by each data preparation task (fractional, so it can share a core with workers)."""
+    data_concurrency: int = 1
+    """Data preparation actors per dataset (more on clusters with CPU nodes). The output is the same."""
+    data_timeout_s: float = 1800.0
+    """A worker waiting this long for its next batch fails the run with a message instead of hanging."""
 
     def validate(self) -> None:
         if self.num_workers <= 0:
@@ -263,6 +267,8 @@ class MonitorConfig:
     sample_every_steps: int = 0
     """0 = only at the end of training."""
     sample_max_new_tokens: int = 32
+    peak_tflops_per_gpu: float = 989.0
+    """Peak dense bf16 TFLOP/s of one GPU for the MFU estimate (H100 SXM: 989); logged on GPUs only."""
 
 
 @dataclass

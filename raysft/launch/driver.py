@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from raysft.config import RaySFTConfig, to_plain
+from raysft.launch import report
 from raysft.data.pipeline import DataSpec, DataStats, build_dataset, build_spec, collect_stats
 from raysft.storage import files
 from raysft.train import model as models
@@ -88,7 +89,7 @@ def redact(obj: Any) -> Any:
 def prepare_data(cfg: RaySFTConfig) -> tuple[DataSpec, DataStats]:
     spec = build_spec(cfg.data, models.tokenizer_path(cfg.model), epochs=max(1, math.ceil(cfg.trainer.num_train_epochs)))
     cfg.data.date = spec.date  # pinned for every worker and recorded in the saved config
-    stats = collect_stats(spec, data_cpus=cfg.scaling.data_cpus_per_task)
+    stats = collect_stats(spec, data_cpus=cfg.scaling.data_cpus_per_task, concurrency=cfg.scaling.data_concurrency)
     return spec, stats
 
 
@@ -126,10 +127,11 @@ def run(cfg: RaySFTConfig) -> RunResult:
     files.write_bytes(files.join(run_uri, "config.yaml"), yaml.safe_dump(redact(to_plain(cfg)), sort_keys=False).encode())
     files.write_bytes(files.join(run_uri, "data_stats.json"), json.dumps(stats.to_json(), indent=1).encode())
 
-    datasets = {"train": build_dataset(spec, "train", data_cpus=cfg.scaling.data_cpus_per_task)}
+    data_kw = dict(data_cpus=cfg.scaling.data_cpus_per_task, concurrency=cfg.scaling.data_concurrency)
+    datasets = {"train": build_dataset(spec, "train", **data_kw)}
     has_eval = stats.eval_packed_rows >= cfg.scaling.num_workers
     if has_eval:
-        eval_ds = build_dataset(spec, "eval", data_cpus=cfg.scaling.data_cpus_per_task)
+        eval_ds = build_dataset(spec, "eval", **data_kw)
         # A small eval split is prepared once and kept in the object store: otherwise every
         # evaluation re-runs the pipeline (actor start-up, tokenizer load) for a handful of rows.
         if stats.eval_packed_rows * cfg.data.max_length <= EVAL_MATERIALIZE_MAX_TOKENS:
@@ -146,7 +148,12 @@ def run(cfg: RaySFTConfig) -> RunResult:
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split="all"),
     )
+    started = time.perf_counter()
     result = trainer.fit()
+    summary = report.summarize(run_uri, time.perf_counter() - started)
+    print(f"raysft: {summary['steps']} steps, {summary['tokens']:,.0f} tokens in {summary['wall_time_s']:.0f} s "
+          f"({summary['tokens_per_s']} tokens/s); train loss {summary['first_train_loss']} -> "
+          f"{summary['final_train_loss']}, eval loss {summary['final_eval_loss']}", flush=True)
     print(f"raysft: done. Run directory: {run_uri}", flush=True)
     return RunResult(run_uri, max_steps, stats, dict(result.metrics or {}))
 

@@ -16,10 +16,13 @@ _RENAMES = {"train_loss": "train_loss_mean"}
 
 
 class MetricsCallback(TrainerCallback):
-    def __init__(self, metrics_path: str | None, *, world_size: int, report_to_ray: bool = True):
+    def __init__(self, metrics_path: str | None, *, world_size: int, report_to_ray: bool = True,
+                 flops_per_token: float | None = None, peak_flops_per_device: float | None = None):
         self.path = Path(metrics_path) if metrics_path else None
         self.world_size = world_size
         self.report_to_ray = report_to_ray
+        # MFU = achieved model FLOP/s (6 x params per trained token) / peak; only meaningful on GPUs.
+        self.flops_per_token, self.peak = flops_per_token, peak_flops_per_device
         self._t0 = self._last_t = None
         self._last_tokens = 0.0
 
@@ -39,6 +42,8 @@ class MetricsCallback(TrainerCallback):
             rate = (tokens - self._last_tokens) / (now - self._last_t)
             record["tokens_per_s"] = rate
             record["tokens_per_s_per_device"] = rate / self.world_size
+            if self.flops_per_token and self.peak:
+                record["mfu"] = rate / self.world_size * self.flops_per_token / self.peak
             self._last_tokens, self._last_t = tokens, now
         if self.report_to_ray:
             import ray.train

@@ -9,6 +9,8 @@ re-packed or collated (``position_ids`` reach the model untouched).
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Any
 
 import torch
@@ -19,19 +21,54 @@ MODEL_COLUMNS = ("input_ids", "labels", "position_ids")
 DTYPES = {"input_ids": torch.long, "labels": torch.long, "position_ids": torch.long, "source_ids": torch.long}
 
 
+class DataStallError(RuntimeError):
+    """No batch arrived from the Ray Data shard within the timeout: fail loudly instead of hanging."""
+
+
 class ShardBatches(IterableDataset):
     """Batches of packed rows from a Ray Data shard (a ``DataIterator``), as torch tensors.
 
     Every iteration is one pass over the shard; ``rows_consumed`` counts the rows handed out (a
-    test checks each worker consumes exactly its shard)."""
+    test checks each worker consumes exactly its shard). Batches are fetched on a thread so that a
+    pipeline that makes no progress (e.g. Ray left no CPU for data tasks) raises after
+    ``timeout_s`` with a message, instead of hanging the run forever."""
 
-    def __init__(self, shard, batch_size: int, *, drop_last: bool = True):
-        self.shard, self.batch_size, self.drop_last = shard, batch_size, drop_last
+    def __init__(self, shard, batch_size: int, *, drop_last: bool = True, timeout_s: float = 1800.0):
+        self.shard, self.batch_size, self.drop_last, self.timeout_s = shard, batch_size, drop_last, timeout_s
         self.rows_consumed = 0
 
+    def _batches(self):
+        it = self.shard.iter_torch_batches(batch_size=self.batch_size, dtypes=DTYPES, drop_last=self.drop_last,
+                                           prefetch_batches=2)
+        q: queue.Queue = queue.Queue(maxsize=2)
+        done = object()
+
+        def pump():
+            try:
+                for b in it:
+                    q.put(b)
+                q.put(done)
+            except BaseException as e:  # surfaced in the training thread
+                q.put(e)
+
+        threading.Thread(target=pump, daemon=True, name="raysft-shard").start()
+        while True:
+            try:
+                item = q.get(timeout=self.timeout_s)
+            except queue.Empty:
+                raise DataStallError(
+                    f"no batch from the Ray Data shard for {self.timeout_s:.0f} s: the data pipeline is not making "
+                    "progress. On a small machine Ray may have no CPU left for data tasks (raise "
+                    "scaling.local_num_cpus, or lower scaling.data_cpus_per_task); on a cluster check that CPU "
+                    "nodes can be added. Timeout: scaling.data_timeout_s.") from None
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
     def __iter__(self):
-        for batch in self.shard.iter_torch_batches(batch_size=self.batch_size, dtypes=DTYPES,
-                                                   drop_last=self.drop_last, prefetch_batches=2):
+        for batch in self._batches():
             self.rows_consumed += len(batch["input_ids"])
             # TRL's padding-free layout: the B packed rows become one row of B*L tokens. The
             # per-sequence position_ids keep sequences apart (flash-attn varlen / sdpa block mask),

@@ -98,7 +98,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "Reporting training result" line per log step otherwise
+    _quiet_ray_reports()
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         if cfg.deepspeed.enabled:
@@ -109,8 +109,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     # ---------------------------------------------------------------- data
     batch = cfg.trainer.per_device_train_batch_size
-    train_batches = ShardBatches(ray.train.get_dataset_shard("train"), batch)
-    eval_batches = ShardBatches(ray.train.get_dataset_shard("eval"), batch, drop_last=False) if lc.has_eval else None
+    timeout = cfg.scaling.data_timeout_s
+    train_batches = ShardBatches(ray.train.get_dataset_shard("train"), batch, timeout_s=timeout)
+    eval_batches = (ShardBatches(ray.train.get_dataset_shard("eval"), batch, drop_last=False, timeout_s=timeout)
+                    if lc.has_eval else None)
 
     # ---------------------------------------------------------------- model
     # The SFTConfig goes first: with ZeRO-3 it registers the DeepSpeed config that makes
@@ -124,8 +126,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     # SFTTrainer insists on a datasets object; the real rows come from the Ray shard (ShardBatches).
     placeholder = datasets.IterableDataset.from_generator(_placeholder_rows)
+    cuda = torch.cuda.is_available()
     metrics = MetricsCallback(os.path.join(local_run, "metrics.jsonl") if local_run else os.path.join(scratch, "metrics.jsonl"),
-                              world_size=world)
+                              world_size=world, flops_per_token=6.0 * _param_counts(net)[1] if cuda else None,
+                              peak_flops_per_device=cfg.monitor.peak_tflops_per_gpu * 1e12 if cuda else None)
     samples = SampleCallback(tokenizer, list(cfg.monitor.sample_prompts), every_steps=cfg.monitor.sample_every_steps,
                              max_new_tokens=cfg.monitor.sample_max_new_tokens, metrics=metrics)
     trainer = RaySFTTrainer(
@@ -156,7 +160,23 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         files.write_bytes(files.join(lc.run_uri, "train_summary.json"), json.dumps(summary, indent=1).encode())
         if not local_run:
             files.write_bytes(files.join(lc.run_uri, "metrics.jsonl"), open(metrics.path, "rb").read())
-    ray.train.report({"rows_consumed": train_batches.rows_consumed, "rank": rank, "done": 1})
+    # Per-rank record: what this worker consumed from its shard and how it was wrapped (DDP / DeepSpeed).
+    files.write_bytes(files.join(lc.run_uri, "workers", f"rank_{rank}.json"), json.dumps({
+        "rank": rank, "world_size": world, "rows_consumed": train_batches.rows_consumed,
+        "global_step": trainer.state.global_step, "wrapped_model": type(trainer.model_wrapped).__name__,
+        "attn_implementation": accel.attn_implementation,
+    }).encode())
+
+
+def _quiet_ray_reports() -> None:
+    """Ray Train V2 logs every ``ray.train.report`` at INFO ("Reporting training result ..."), under a
+    logger named after its source file; our progress line already says it once per step."""
+    try:
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # a Ray without Train V2: nothing to quiet
+        pass
 
 
 def _placeholder_rows():
@@ -164,6 +184,7 @@ def _placeholder_rows():
 
 
 def _param_counts(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    # Under ZeRO-3 a parameter is partitioned (numel() == 0 locally); ds_numel is its full size.
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     return trainable, total

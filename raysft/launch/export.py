@@ -1,0 +1,124 @@
+"""``raysft export SRC DEST [--merge]``: a consolidated Hugging Face model from a run.
+
+SRC is a run directory (local or ``s3://``), its ``model/`` folder, or a checkpoint folder. DEST gets
+``model.safetensors`` (gathered from ZeRO-3 shards when SRC holds them), the tokenizer with its chat
+template, the generation config, and a model card with the composed config and the data stats.
+
+NOTE: SmolLM3 ties its input and output embeddings; DeepSpeed's ``zero_to_fp32.py
+--safe_serialization`` fails on tied weights ("Some tensors share memory"), so ZeRO-3 shards are
+gathered with DeepSpeed's Python API and written with ``save_pretrained``, which handles the tie.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from raysft.config import from_plain
+from raysft.storage import files
+
+
+def _find(src: Path) -> tuple[Path, Path | None]:
+    """(folder holding the weights or adapter, run directory if known)."""
+    if (src / "model").is_dir():
+        return src / "model", src
+    if (src.parent / "config.yaml").exists():
+        return src, src.parent
+    return src, None
+
+
+def export(src_uri: str, dest: str, *, merge: bool = False) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, run_dir = _find(files.download_dir(src_uri))
+    cfg = from_plain(yaml.safe_load((run_dir / "config.yaml").read_text())) if run_dir else None
+    out = Path(dest)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if (src / "adapter_config.json").exists():
+        if not merge:
+            raise SystemExit(f"{src} holds a LoRA adapter: pass --merge to merge it into its base model")
+        model = _merged(src, cfg)
+    elif (src / "latest").exists():  # DeepSpeed ZeRO checkpoint: gather the shards
+        model = _from_zero_checkpoint(src, cfg)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(src)
+    model.save_pretrained(out, safe_serialization=True)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
+
+    tok_src = src if (src / "tokenizer_config.json").exists() else None
+    if tok_src is None and cfg is not None:
+        from raysft.train.model import tokenizer_path
+
+        tok_src = tokenizer_path(cfg.model)
+    if tok_src is not None:
+        tokenizer = AutoTokenizer.from_pretrained(tok_src)
+        if cfg is not None and cfg.data.chat_template:  # ship the template the model was trained with
+            from raysft.assets import load_chat_template
+
+            tokenizer.chat_template = load_chat_template(cfg.data.chat_template)
+        tokenizer.save_pretrained(out)
+    (out / "README.md").write_text(_model_card(run_dir, cfg))
+    return out
+
+
+def _base_model(cfg):
+    from raysft.train import model as models
+
+    if cfg is None:
+        raise SystemExit("cannot find the run's config.yaml next to the adapter, so the base model is unknown")
+    return models.build_model(cfg.model, models.resolve_accel(cfg.model, bf16=False), seed=cfg.trainer.seed)
+
+
+def _merged(adapter_dir: Path, cfg):
+    from peft import PeftModel
+
+    # A random-initialised base is rebuilt bit-for-bit from the run's config and seed.
+    return PeftModel.from_pretrained(_base_model(cfg), adapter_dir).merge_and_unload()
+
+
+def _from_zero_checkpoint(ckpt: Path, cfg):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    model = _base_model(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"ZeRO checkpoint {ckpt} does not match the model: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    return model
+
+
+def _model_card(run_dir: Path | None, cfg) -> str:
+    lines = ["---", "library_name: transformers", "tags: [raysft, sft]", "---", "", "# Fine-tuned with raysft", ""]
+    if cfg is not None:
+        lines += [f"Base: `{cfg.model.name_or_path}` ({cfg.model.init}); stage `{cfg.stage}`.", "",
+                  "## Composed config", "", "```yaml", (run_dir / "config.yaml").read_text().rstrip(), "```", ""]
+    if run_dir is not None and (run_dir / "data_stats.json").exists():
+        stats = json.loads((run_dir / "data_stats.json").read_text())
+        lines += ["## Data", "", "| source | rows kept | tokens | trained tokens |", "|---|---|---|---|"]
+        lines += [f"| {n} | {s['kept']} | {s['tokens']} | {s['trained_tokens']} |" for n, s in stats["sources"].items()]
+        lines += ["", f"Packing efficiency {stats['packing_efficiency']:.1%} at max_length {stats['max_length']}.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="raysft export", description=__doc__.splitlines()[0])
+    p.add_argument("src", help="run directory, its model/ folder, or a checkpoint (local or s3://)")
+    p.add_argument("dest", help="output directory")
+    p.add_argument("--merge", action="store_true", help="merge a LoRA adapter into its base model")
+    p.add_argument("--push-to-hub", metavar="REPO", help="also upload the export to this hub repo (needs HF_TOKEN)")
+    args = p.parse_args(argv)
+    out = export(args.src, args.dest, merge=args.merge)
+    if args.push_to_hub:
+        from huggingface_hub import HfApi
+
+        HfApi(token=os.environ.get("HF_TOKEN")).upload_folder(folder_path=str(out), repo_id=args.push_to_hub)
+    print(f"raysft: exported to {out}")
+    return 0

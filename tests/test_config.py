@@ -1,0 +1,139 @@
+"""Config composition: every preset composes and validates, overrides behave, typos fail fast."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, compose
+
+from raysft.cli import CONF_DIR, OverrideKeyError, check_override_keys, main
+from raysft.config import RaySFTConfig, from_plain, to_plain
+from raysft.launch.driver import redact, steps_for
+
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_preset_composes_and_validates(group, option):
+    cfg = compose(f"{group}={option}")
+    assert isinstance(cfg, RaySFTConfig)
+
+
+def test_default_is_the_tiny_local_job():
+    cfg = compose()
+    assert cfg.model.init == "random" and cfg.model.name_or_path == "bundled:smollm3"
+    assert cfg.scaling.num_workers == 2 and not cfg.scaling.use_gpu
+    assert cfg.data.root == "bundled:data/smoltalk2-sample"
+    assert not cfg.deepspeed.enabled and not cfg.peft.enabled
+
+
+def test_overrides_reach_the_typed_config():
+    cfg = compose("model=smollm3_3b", "stage=sft", "trainer.learning_rate=1e-5")
+    assert cfg.model.name_or_path == "HuggingFaceTB/SmolLM3-3B-Base"
+    assert cfg.trainer.learning_rate == 1e-5
+    assert cfg.data.max_length == 65536 and cfg.data.loss == "assistant_only"
+    # Command-line group choices win over a recipe's own choices.
+    cfg = compose("recipe=smollm3_sft", "model=tiny_smollm3", "scaling=local_cpu")
+    assert cfg.model.init == "random" and cfg.scaling.num_workers == 2 and cfg.stage == "sft"
+    cfg = compose("data.dataset_mixture.datasets.0.weight=0.5")
+    assert cfg.data.dataset_mixture.datasets[0].weight == 0.5
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("data.nonexistent_key=1", "Valid keys there: chat_template, column_map, dataset_mixture"),
+    ("trainer.lr=1", "learning_rate"),
+    ("nonexistent=1", "Valid keys there: data, deepspeed, model, monitor"),
+    ("data.dataset_mixture.datasets.0.wieght=2", "weight"),
+])
+def test_unknown_keys_fail_listing_the_valid_keys(override, fragment):
+    with pytest.raises(OverrideKeyError, match="Unknown config key") as e:
+        check_override_keys([override])
+    assert fragment in str(e.value)
+
+
+def test_free_form_dicts_accept_any_key():
+    check_override_keys(["+trainer.trl_overrides.optim=adafactor", "trainer.lr_scheduler_kwargs.min_lr_rate=0.2"])
+    cfg = compose("+trainer.trl_overrides.optim=adafactor")
+    assert cfg.trainer.trl_overrides == {"optim": "adafactor"}
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.packing_strategy=zigzag", "data.packing_strategy='zigzag' is not valid"),
+    ("data.dataset_mixture.datasets.0.weight=0", "weight must be > 0"),
+    ("data.dataset_mixture.test_split_size=1.5", "test_split_size must be in [0, 1)"),
+    ("trainer.per_device_train_batch_size=0", "per_device_train_batch_size must be > 0"),
+])
+def test_bad_values_fail_with_what_to_change(override, message):
+    with pytest.raises(ValueError) as e:
+        compose(override)
+    assert message in str(e.value)
+
+
+def test_wrong_type_fails():
+    with pytest.raises(Exception, match="learning_rate"):
+        compose("trainer.learning_rate=fast")
+
+
+def test_cli_exit_code_and_message_for_a_typo(capsys):
+    assert main(["data.nonexistent_key=1"]) == 2
+    err = capsys.readouterr().err
+    assert "nonexistent_key" in err and "max_length" in err
+
+
+def test_cli_as_a_process_fails_before_ray_starts():
+    out = subprocess.run([sys.executable, "-m", "raysft", "data.nonexistent_key=1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "Valid keys there" in out.stderr and "Started a local Ray" not in out.stderr + out.stdout
+
+
+def test_config_roundtrips_through_plain_dicts():
+    cfg = compose("recipe=smollm3_sft")
+    assert from_plain(to_plain(cfg)) == cfg
+
+
+def test_secrets_never_written():
+    d = redact({"trainer": {"trl_overrides": {"hub_token": "hf_abc", "push_to_hub": True}}, "x": [{"api_key": "k"}]})
+    assert d["trainer"]["trl_overrides"]["hub_token"] == "<redacted>"
+    assert d["x"][0]["api_key"] == "<redacted>" and d["trainer"]["trl_overrides"]["push_to_hub"] is True
+
+
+# The command-line surface is an API: adding, renaming or removing a key is a reviewed change.
+# Update this snapshot deliberately (and the README) when the schema changes.
+FROZEN_KEYS = {
+    "model": ["attn_implementation", "config_overrides", "dtype", "init", "name_or_path", "revision", "tokenizer",
+              "trust_remote_code", "use_liger_kernel"],
+    "data": ["chat_template", "column_map", "dataset_mixture", "date", "eos_token", "format", "loss", "max_bad_fraction",
+             "max_length", "order", "overlong", "packing", "packing_strategy", "root", "window_rows"],
+    "trainer": ["average_tokens_across_devices", "bf16", "eval_steps", "gradient_accumulation_steps",
+                "gradient_checkpointing", "learning_rate", "logging_steps", "lr_scheduler_kwargs", "lr_scheduler_type",
+                "max_grad_norm", "max_steps", "num_train_epochs", "per_device_train_batch_size", "report_to",
+                "save_steps", "save_strategy", "save_total_limit", "seed", "trl_overrides", "use_reentrant",
+                "warmup_ratio", "weight_decay"],
+}
+
+
+def test_config_surface_is_frozen():
+    schema = {f.name: f.type for f in dataclasses.fields(RaySFTConfig)}
+    cfg = compose()
+    for group, keys in FROZEN_KEYS.items():
+        assert sorted(f.name for f in dataclasses.fields(getattr(cfg, group))) == keys, group
+    assert set(schema) == {"model", "data", "trainer", "scaling", "storage", "deepspeed", "peft", "monitor", "stage"}
+
+
+def test_step_count_is_derived_from_the_data():
+    from raysft.data.pipeline import DataStats
+
+    cfg = compose("trainer.per_device_train_batch_size=2", "trainer.gradient_accumulation_steps=3", "trainer.num_train_epochs=2")
+    stats = DataStats(sources={}, train_packed_rows=100, train_packed_tokens=0, eval_packed_rows=0, max_length=512, date="2026-01-01")
+    assert steps_for(stats, cfg) == (2 * 100) // (2 * 2 * 3)
+    stats.train_packed_rows = 5
+    with pytest.raises(ValueError, match="fewer than one optimizer step"):
+        steps_for(stats, cfg)
