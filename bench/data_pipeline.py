@@ -59,6 +59,7 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.select, self.interval = select, interval
         self.me = psutil.Process()
+        self.base_driver = self.me.memory_info().rss
         self.peak_driver = self.peak_workers = self.peak_total = self.peak_single = 0
         self.worker_cpu: dict[int, float] = {}
         self.worker_pids: set[int] = set()
@@ -161,7 +162,7 @@ def run_ours(cfg, cpus: int) -> dict:
     return {"selected": spec.plan.num_train, "units": units, "rows": rows, "tokens": tokens, "trained": trained,
             "wall": wall, "first": first or 0.0, "tok_s": tokens / wall, "eff": tokens / max(1, rows * L),
             "cpu": cpu_self() - c0 + sum(sampler.worker_cpu.values()), "workers": len(sampler.worker_pids),
-            "rss_driver": sampler.peak_driver, "rss_workers": sampler.peak_workers,
+            "rss_driver": sampler.peak_driver, "rss_growth": sampler.peak_driver - sampler.base_driver, "rss_workers": sampler.peak_workers,
             "rss_single": sampler.peak_single, "rss_total": sampler.peak_total}
 
 
@@ -171,6 +172,8 @@ def run_inprocess(cfg) -> dict:
 
     spec = make_spec(cfg)
     pu = PrepareUnit(spec)
+    sampler = Sampler(lambda cmd: False)
+    sampler.start()
     L = cfg.data.max_length
     c0, t0 = cpu_self(), time.perf_counter()
     rows = tokens = trained = 0
@@ -180,10 +183,11 @@ def run_inprocess(cfg) -> dict:
         tokens += int(np.sum(cols["num_tokens"])) if len(cols["input_ids"]) else 0
         trained += int(np.count_nonzero(cols["labels"] != -100)) if len(cols["input_ids"]) else 0
     wall = time.perf_counter() - t0
-    rss = psutil.Process().memory_info().rss
+    sampler.stop()
     return {"selected": spec.plan.num_train, "rows": rows, "tokens": tokens, "trained": trained, "wall": wall,
             "tok_s": tokens / wall, "eff": tokens / max(1, rows * L), "cpu": cpu_self() - c0, "workers": 0,
-            "rss_driver": rss, "rss_workers": 0, "rss_single": 0, "rss_total": rss}
+            "rss_driver": sampler.peak_driver, "rss_growth": sampler.peak_driver - sampler.base_driver,
+            "rss_workers": 0, "rss_single": 0, "rss_total": sampler.peak_total}
 
 
 # ----------------------------------------------------------------------------- (b) TRL
@@ -250,6 +254,7 @@ class TRL:
         return {"selected": len(dataset), "rows": rows, "tokens": tokens, "trained": trained, "wall": wall,
                 "tok_s": tokens / wall, "eff": tokens / max(1, rows * max_length), "cpu": cpu,
                 "workers": len(sampler.worker_pids), "rss_driver": sampler.peak_driver,
+                "rss_growth": sampler.peak_driver - sampler.base_driver,
                 "rss_workers": sampler.peak_workers, "rss_single": sampler.peak_single, "rss_total": sampler.peak_total}
 
 
@@ -259,11 +264,11 @@ class TRL:
 def fmt_row(name: str, r: dict) -> str:
     return (f"{name:<22} {r['selected']:>8,} {r['rows']:>7,} {r['tokens']:>11,} {r['trained']:>10,} {r['wall']:>7.1f} "
             f"{r['tok_s']:>10,.0f} {r['tokens'] / max(r['cpu'], 1e-9):>10,.0f} {r['eff']:>6.1%} "
-            f"{r['rss_driver'] / MB:>8,.0f} {r['rss_workers'] / MB:>8,.0f} {r['rss_total'] / MB:>8,.0f}")
+            f"{r['rss_driver'] / MB:>8,.0f} {r['rss_growth'] / MB:>8,.0f} {r['rss_workers'] / MB:>8,.0f} {r['rss_total'] / MB:>8,.0f}")
 
 
 HEADER = (f"{'pipeline':<22} {'selected':>8} {'rows':>7} {'tokens':>11} {'trained':>10} {'wall s':>7} "
-          f"{'tok/s':>10} {'tok/cpu-s':>10} {'effic':>6} {'drv MB':>8} {'wrk MB':>8} {'sum MB':>8}")
+          f"{'tok/s':>10} {'tok/cpu-s':>10} {'effic':>6} {'drv MB':>8} {'drv +MB':>8} {'wrk MB':>8} {'sum MB':>8}")
 
 
 def main() -> int:
@@ -334,7 +339,9 @@ def main() -> int:
     print(f"\nload average at end {os.getloadavg()[0]:.1f} (the machine is shared: wall-clock numbers are noisy; "
           f"tok/cpu-s is the steadier comparison)")
     print("tokens = non-pad tokens in the packed rows; drv/wrk/sum MB = peak RSS of the driver, of the worker "
-          "processes together (our PrepareUnit actors / TRL's num_proc pool), and of both at one sample\n")
+          "processes together (our PrepareUnit actors / TRL's num_proc pool), and of both at one sample;\n"
+          "drv +MB = the driver's growth during that pass (its baseline holds the TRL trainer, model and "
+          "tokenizer loaded once). Forked TRL workers share pages with the driver, so their RSS overcounts.\n")
     for L in args.lengths:
         print(f"max_length {L}")
         print("  " + HEADER)
@@ -356,7 +363,8 @@ def main() -> int:
     print("  " + HEADER)
     print("  " + fmt_row("raysft weight 1.0", a))
     print("  " + fmt_row(f"raysft weight {args.rss_factor:g}", b))
-    print(f"  ratio rss {args.rss_factor:g}x/1x: driver {b['rss_driver'] / a['rss_driver']:.2f}x, "
+    print(f"  ratio rss {args.rss_factor:g}x/1x: driver {b['rss_driver'] / a['rss_driver']:.2f}x "
+          f"(growth {a['rss_growth'] / MB:,.0f} -> {b['rss_growth'] / MB:,.0f} MB), "
           f"per actor (max) {b['rss_single'] / a['rss_single']:.2f}x "
           f"({a['rss_single'] / MB:,.0f} -> {b['rss_single'] / MB:,.0f} MB), "
           f"driver+actors {b['rss_total'] / a['rss_total']:.2f}x; rows {b['selected'] / a['selected']:.2f}x, "

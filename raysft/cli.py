@@ -3,6 +3,7 @@
     raysft [overrides...]                 train (the default job with no overrides)
     raysft data preview|stats [overrides] look at the data a run would see
     raysft export SRC DEST [--merge]      a consolidated Hugging Face model from a run
+    raysft plan [--out DIR] [overrides]   rows, tokens, steps, memory, time and cost, without training
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from raysft.config import GROUP_SCHEMAS, RaySFTConfig, register_configs, to_typed
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-SUBCOMMANDS = {"data", "export"}
+SUBCOMMANDS = {"data", "export", "plan"}
 
 
 class OverrideKeyError(ValueError):
@@ -97,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             from raysft.launch import export
 
             return export.main(argv[1:])
+        if argv and argv[0] == "plan":
+            from raysft.launch import plan
+
+            return plan.main(argv[1:])
         if argv and argv[0] in SUBCOMMANDS:
             from raysft.launch import commands
 

@@ -9,6 +9,7 @@ import pytest
 from conftest import compose
 
 from raysft.launch import driver
+from raysft.launch.export import export
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -62,6 +63,10 @@ def test_default_run_trains_saves_and_reports(ray_cluster, tmp_path, tokenizer):
     assert {w["wrapped_model"] for w in workers} == {"DistributedDataParallel"}
 
     _generate(run_dir / "model", tokenizer)
+    exported = export(str(run_dir), str(tmp_path / "exported"))
+    assert (exported / "model.safetensors").exists() and "Composed config" in (exported / "README.md").read_text()
+    _generate(exported, tokenizer)
+    assert (run_dir / "loss.png").stat().st_size > 1000 and json.loads((run_dir / "summary.json").read_text())["steps"] == 8
     saved = (run_dir / "config.yaml").read_text()
     assert "date: '20" in saved or "date: 20" in saved  # the pinned template date is recorded
     stats = json.loads((run_dir / "data_stats.json").read_text())
@@ -78,8 +83,11 @@ def test_deepspeed_zero3_on_two_cpu_workers(ray_cluster, tmp_path, tokenizer):
 
 
 def test_lora_saves_only_the_adapter_and_merges(ray_cluster, tmp_path, tokenizer):
+    import torch
     from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
+    from raysft.cli import main
     from raysft.train import model as models
 
     _, run_dir, metrics, _ = _run(tmp_path, "peft=lora", "trainer.max_steps=4", "trainer.eval_steps=null",
@@ -87,8 +95,15 @@ def test_lora_saves_only_the_adapter_and_merges(ray_cluster, tmp_path, tokenizer
     files = {p.name for p in (run_dir / "model").iterdir()}
     assert "adapter_config.json" in files and "adapter_model.safetensors" in files
     assert "model.safetensors" not in files
+    with pytest.raises(SystemExit, match="--merge"):
+        export(str(run_dir), str(tmp_path / "no-merge"))
+    assert main(["export", str(run_dir), str(tmp_path / "merged"), "--merge"]) == 0
+    _generate(tmp_path / "merged", tokenizer)
+    # The merged model equals base + adapter.
     cfg = compose()
     base = models.build_model(cfg.model, models.resolve_accel(cfg.model, bf16=False), seed=cfg.trainer.seed)
-    merged = PeftModel.from_pretrained(base, run_dir / "model").merge_and_unload()
-    merged.save_pretrained(tmp_path / "merged")
-    _generate(tmp_path / "merged", tokenizer)
+    peft_model = PeftModel.from_pretrained(base, run_dir / "model").eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.tensor([[9906, 1917, 11, 1268]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, peft_model(ids).logits, atol=1e-4, rtol=1e-4)

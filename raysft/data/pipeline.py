@@ -206,11 +206,13 @@ class PrepareUnit:
         unique, inverse = np.unique(wanted, return_inverse=True)
         results: dict[int, dict | RowError] = {}
         dups = DuplicateFilter(self.cmap)
+        repeats = np.bincount(inverse, minlength=len(unique))  # > 1 only when weight > 1
         for f, local, where in source.locate(unique):
-            for (row_in_file, raw), phys in zip(read_rows(f, local, list(source.columns) if source.columns else None), unique[where]):
+            for (row_in_file, raw), phys, n in zip(read_rows(f, local, list(source.columns) if source.columns else None),
+                                                   unique[where], repeats[where]):
                 results[int(phys)] = self._normalize(s, raw, dups) if not isinstance(raw, RowError) else raw
-                if isinstance(results[int(phys)], RowError):
-                    self._bad(st, results[int(phys)], s, int(phys), f.path, int(row_in_file))
+                if isinstance(results[int(phys)], RowError):  # counted once per selected position
+                    self._bad(st, results[int(phys)], s, int(phys), f.path, int(row_in_file), count=int(n))
         for p, u in zip(pos, inverse):
             r = results[int(unique[u])]
             examples[p] = None if isinstance(r, RowError) else r
@@ -227,8 +229,9 @@ class PrepareUnit:
         except Exception as e:  # a row must never crash the pipeline: it is counted and reported
             return RowError("unreadable", "row", f"{type(e).__name__}: {e}")
 
-    def _bad(self, st: dict, err: RowError, s: int, row: int, path: str | None = None, row_in_file: int | None = None) -> None:
-        st["bad"][err.reason] = st["bad"].get(err.reason, 0) + 1
+    def _bad(self, st: dict, err: RowError, s: int, row: int, path: str | None = None, row_in_file: int | None = None,
+             count: int = 1) -> None:
+        st["bad"][err.reason] = st["bad"].get(err.reason, 0) + count
         if sum(1 for e in st["examples"] if e["reason"] == err.reason) < MAX_EXAMPLES:
             st["examples"].append({"reason": err.reason, "file": path, "row": row_in_file if row_in_file is not None else row,
                                    "field": err.field, "message": err.message})

@@ -1,0 +1,460 @@
+"""``raysft plan [--out DIR] [overrides...]``: what a run would cost, before anything trains.
+
+For the config composed exactly as training composes it, prints and writes (``DIR/plan.json``,
+``DIR/mixture.png``; default ``outputs/plan/<timestamp>``):
+
+- per source: rows kept and tokens. **Exact** when every source is local (a ``path``, or hub ids
+  under ``data.root``): the same stats pass a run starts with (local Ray). Otherwise **estimated**
+  from smoltalk2's published split sizes (``estimates.SMOLTALK2_SPLITS``), or "unknown";
+- trained tokens (after the loss mask), packed rows and packing efficiency;
+- optimizer steps per epoch and in total, tokens per step;
+- the per-GPU memory under the configured ZeRO stage against the GPU's memory (``estimates.GPUS``),
+  flagged when it cannot fit;
+- wall time, GPU-hours and cost at ``plan.tokens_per_s_per_gpu`` and ``plan.usd_per_gpu_hour``.
+
+It refuses impossible configs (exit 2, each reason on its own line): a source weight <= 0,
+``data.max_length`` beyond the model's ``max_position_embeddings``, a local source missing a listed
+column, a global batch that differs from ``plan.global_batch_rows`` (or cannot divide it), fewer
+packed rows than one optimizer step. Exit codes as ``raysft data``: 0 ok, 1 data could not be
+read, 2 usage, config or refusal, 3 too many malformed rows.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from raysft import assets
+from raysft.config import RaySFTConfig
+from raysft.launch import estimates as est
+
+USAGE = "usage: raysft plan [--out DIR] [overrides...]"
+
+
+class PlanRefused(ValueError):
+    def __init__(self, reasons: list[str]):
+        super().__init__("\n".join(reasons))
+        self.reasons = reasons
+
+
+# ----------------------------------------------------------------------------- command
+
+
+def main(argv: list[str]) -> int:
+    out, overrides = None, []
+    it = iter(argv)
+    for a in it:
+        if a in ("-h", "--help"):
+            print(__doc__.split("\n\n")[0] + "\n" + USAGE)
+            return 0
+        if a == "--out" or a.startswith("--out="):
+            out = a.partition("=")[2] or next(it, None)
+            if not out:
+                return _error("--out needs a directory")
+        elif a.startswith("-"):
+            return _error(f"unknown option {a!r}; valid here: --out")
+        else:
+            overrides.append(a)
+    try:
+        from raysft.cli import compose
+
+        cfg = compose(overrides)
+    except Exception as e:  # noqa: BLE001 - any composition failure is a config/usage error
+        return _error(str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
+
+    from raysft.data.pipeline import DataQualityError
+    from raysft.data.sources import DataSourceError
+
+    try:
+        plan = build_plan(cfg)
+    except PlanRefused as e:
+        print("raysft plan: refused, this config cannot run as given:", file=sys.stderr)
+        for r in e.reasons:
+            print(f"  - {r}", file=sys.stderr)
+        return 2
+    except (DataSourceError, FileNotFoundError) as e:
+        print(f"raysft: error: {e}", file=sys.stderr)
+        return 1
+    except DataQualityError as e:
+        print(f"raysft: data quality check failed:\n{e}", file=sys.stderr)
+        return 3
+    print_plan(plan)
+    out_dir = Path(out or os.path.join("outputs", "plan", time.strftime("%Y%m%d-%H%M%S")))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "plan.json").write_text(json.dumps(plan, indent=1))
+    plot_mixture(plan, out_dir / "mixture.png")
+    print(f"wrote {out_dir / 'plan.json'}\nwrote {out_dir / 'mixture.png'}")
+    return 0
+
+
+def _error(msg: str) -> int:
+    print(f"raysft: error: {msg}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def build_plan(cfg: RaySFTConfig) -> dict[str, Any]:
+    """The whole plan as a JSON-able dict; raises ``PlanRefused`` listing every reason it cannot run."""
+    m = cfg.model
+    model_config, model_source = est.load_model_config(m.name_or_path, revision=m.revision, init=m.init,
+                                                       config_overrides=dict(m.config_overrides))
+    shape = est.ModelShape.from_config(model_config) if model_config else None
+    reasons = refusals(cfg, shape, model_source)
+    if reasons:
+        raise PlanRefused(reasons)
+
+    data = exact_data(cfg) if all_local(cfg) else estimated_data(cfg)
+    t, s = cfg.trainer, cfg.scaling
+    rows_per_step = s.num_workers * t.per_device_train_batch_size * t.gradient_accumulation_steps
+    packed = data["train_packed_rows"]
+    steps = {"rows_per_step": rows_per_step, "workers": s.num_workers,
+             "per_device_train_batch_size": t.per_device_train_batch_size,
+             "gradient_accumulation_steps": t.gradient_accumulation_steps, "epochs": t.num_train_epochs,
+             "steps_per_epoch": None, "total_steps": None, "tokens_per_step": rows_per_step * cfg.data.max_length,
+             "real_tokens_per_step": None, "trained_tokens_per_step": None}
+    if packed:
+        total = t.max_steps if t.max_steps > 0 else int(t.num_train_epochs * packed) // rows_per_step
+        if total < 1:
+            raise PlanRefused([f"the data give {packed:,} packed rows per epoch ({data['basis']}), fewer than one "
+                               f"optimizer step needs ({s.num_workers} workers x {t.per_device_train_batch_size} rows x "
+                               f"{t.gradient_accumulation_steps} accumulation = {rows_per_step}): add data, raise "
+                               f"source weights or lower the batch"])
+        steps |= {"steps_per_epoch": packed // rows_per_step, "total_steps": total,
+                  "real_tokens_per_step": round(rows_per_step * cfg.data.max_length * data["packing_efficiency"]),
+                  "trained_tokens_per_step": round(rows_per_step * data["trained_tokens"] / packed)}
+        if cfg.data.packing_strategy == "none" or not cfg.data.packing:
+            steps["tokens_per_step"] = round(rows_per_step * data["tokens"] / packed)
+    plan = {"generated": datetime.datetime.now().isoformat(timespec="seconds"), "stage": cfg.stage,
+            "model": {"name_or_path": m.name_or_path, "revision": m.revision, "config": model_source,
+                      "params": shape.num_params if shape else None,
+                      "max_position_embeddings": shape.max_position_embeddings if shape else None},
+            "data": data, "steps": steps}
+    plan["memory"] = memory_plan(cfg, shape)
+    plan["time"] = time_plan(cfg, shape, data, steps)
+    return plan
+
+
+def refusals(cfg: RaySFTConfig, shape: est.ModelShape | None, model_source: str) -> list[str]:
+    """Every reason the config cannot run, checked without reading any row."""
+    reasons = []
+    for src in cfg.data.dataset_mixture.datasets:
+        if not src.weight > 0:
+            reasons.append(f"source {src.label!r}: weight {src.weight} <= 0; a weight is the fraction of the split's rows "
+                           f"kept, so it must be > 0 (drop the source to leave it out)")
+    t, s, want = cfg.trainer, cfg.scaling, cfg.plan.global_batch_rows
+    micro = s.num_workers * t.per_device_train_batch_size
+    if want is not None and micro * t.gradient_accumulation_steps != want:
+        got = f"{s.num_workers} workers x {t.per_device_train_batch_size} rows x {t.gradient_accumulation_steps} accumulation = {micro * t.gradient_accumulation_steps}"
+        if want % micro:
+            reasons.append(f"global batch: plan.global_batch_rows={want} is not divisible by {s.num_workers} workers x "
+                           f"{t.per_device_train_batch_size} rows = {micro}, so no gradient_accumulation_steps gives it "
+                           f"(now {got}): change scaling.num_workers or trainer.per_device_train_batch_size")
+        else:
+            reasons.append(f"global batch: {got} rows per step, but plan.global_batch_rows={want}: set "
+                           f"trainer.gradient_accumulation_steps={want // micro}")
+    if shape is not None and shape.max_position_embeddings and cfg.data.max_length > shape.max_position_embeddings:
+        reasons.append(f"data.max_length={cfg.data.max_length:,} exceeds the model's max_position_embeddings="
+                       f"{shape.max_position_embeddings:,} (from {model_source}): a sequence that long has positions "
+                       f"the model was not trained for; use data.max_length<={shape.max_position_embeddings}")
+    reasons += column_refusals(cfg)
+    return reasons
+
+
+def column_refusals(cfg: RaySFTConfig) -> list[str]:
+    """Local sources whose files lack a listed column (parquet / arrow schemas: footers only)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raysft.data.sources import resolve_files
+
+    reasons = []
+    for src in cfg.data.dataset_mixture.datasets:
+        if not src.columns or not _source_is_local(cfg, src):
+            continue
+        files = resolve_files(id=src.id, path=assets.resolve(src.path), config=src.config, split=src.split,
+                              data_root=assets.resolve(cfg.data.root))
+        for f in files:
+            if f.format == "parquet":
+                names = pq.read_schema(f.path).names
+            elif f.format == "arrow":
+                with pa.memory_map(f.path) as mm:
+                    try:
+                        names = pa.ipc.open_file(mm).schema.names
+                    except pa.ArrowInvalid:
+                        names = pa.ipc.open_stream(mm).schema.names
+            else:
+                continue  # jsonl / json: no schema to read without reading rows
+            missing = [c for c in src.columns if c not in names]
+            if missing:
+                reasons.append(f"source {src.label!r}: column(s) {missing} not in {f.path} (it has {names}); fix "
+                               f"data.dataset_mixture.datasets[].columns or the data")
+                break
+    return reasons
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _source_is_local(cfg: RaySFTConfig, src) -> bool:
+    where = assets.resolve(src.path) if src.path else assets.resolve(cfg.data.root)
+    return where is not None and "://" not in where
+
+
+def all_local(cfg: RaySFTConfig) -> bool:
+    return all(_source_is_local(cfg, s) for s in cfg.data.dataset_mixture.datasets)
+
+
+def exact_data(cfg: RaySFTConfig) -> dict[str, Any]:
+    """The real stats pass (``driver.prepare_data``) on local Ray: the counts a run would print."""
+    import ray
+
+    from raysft.launch.driver import init_ray, prepare_data
+
+    started = not ray.is_initialized()
+    init_ray(cfg)
+    try:
+        spec, stats = prepare_data(cfg)
+    finally:
+        if started:
+            ray.shutdown()
+    sources = []
+    for src, cfg_src in zip(spec.sources, cfg.data.dataset_mixture.datasets):
+        st, ev = stats.sources[src.name], stats.eval_sources[src.name]
+        sources.append({"name": src.name, "weight": cfg_src.weight, "basis": "exact", "split_rows": src.num_rows,
+                        "kept_rows": st["kept"] + ev["kept"], "train_rows": st["kept"], "eval_rows": ev["kept"],
+                        "selected_train_rows": st["selected"], "tokens": st["tokens"], "trained_tokens": st["trained_tokens"],
+                        "truncated": st["truncated"], "dropped_too_long": st["dropped_too_long"],
+                        "bad_rows": sum(st["bad"].values())})
+    return _data_totals(cfg, sources, basis="exact (stats pass over the local data)",
+                        packed=stats.train_packed_rows, efficiency=stats.packing_efficiency,
+                        eval_packed=stats.eval_packed_rows, notes=[])
+
+
+def estimated_data(cfg: RaySFTConfig) -> dict[str, Any]:
+    """Row and token counts from published split sizes (no network, no rows read)."""
+    from raysft.data.mixture import plan_mixture
+    from raysft.data.sources import resolve_files
+
+    d, mix = cfg.data, cfg.data.dataset_mixture
+    notes = [f"estimated from {est.SMOLTALK2_SOURCE}: token counts are the conversations' before the chat template "
+             f"(the sft template adds a system block per row), trained tokens = rows x mean response tokens (an "
+             f"undercount for multi-turn rows, which train every assistant turn)"]
+    rows, facts = [], []
+    for src in mix.datasets:
+        fact = est.known_split(src.id, src.config, src.split)
+        n = fact[0] if fact else None
+        if _source_is_local(cfg, src):  # row counts from file footers; tokens unknown without the stats pass
+            n = sum(f.num_rows for f in resolve_files(id=src.id, path=assets.resolve(src.path), config=src.config,
+                                                       split=src.split, data_root=assets.resolve(d.root)))
+        rows.append(n)
+        facts.append(fact)
+    if all(n is not None for n in rows):  # the handbook's selection, exactly, on the known row counts
+        mp = plan_mixture(rows, [s.weight for s in mix.datasets], mix.seed, mix.test_split_size)
+        kept, train = mp.kept_per_source, mp.train_counts()
+    else:
+        kept = [int(n * s.weight) if n is not None else None for n, s in zip(rows, mix.datasets)]
+        train = [round(k * (1 - mix.test_split_size)) if k is not None else None for k in kept]
+    sources = []
+    for src, n, k, tr, fact in zip(mix.datasets, rows, kept, train, facts):
+        row = {"name": src.label, "weight": src.weight, "split_rows": n, "kept_rows": k, "train_rows": tr,
+               "eval_rows": (k - tr) if k is not None else None, "tokens": None, "trained_tokens": None}
+        if fact is None:
+            row["basis"] = "rows exact (local files), tokens unknown" if n is not None else "unknown: no published size"
+        else:
+            per_row = min(fact[1], d.max_length)  # truncation caps a row (the means cannot tell how many)
+            trained_per_row = per_row if d.loss == "all" else min(fact[2], per_row)
+            row |= {"basis": "estimated (dataset card)", "tokens": round(tr * per_row),
+                    "trained_tokens": round(tr * trained_per_row), "mean_tokens_per_row": fact[1]}
+        sources.append(row)
+    unknown = [s["name"] for s in sources if s["tokens"] is None]
+    if unknown:
+        notes.append(f"{len(unknown)} source(s) without a known token count are left out of the totals, so the totals, "
+                     f"steps and time are lower bounds: {', '.join(unknown)}")
+    tokens = sum(s["tokens"] or 0 for s in sources)
+    train_rows = sum(s["train_rows"] or 0 for s in sources if s["tokens"] is not None)
+    strategy = "none" if not d.packing else ("bfd" if d.packing_strategy in ("ffd", "bfd_split") else d.packing_strategy)
+    packed, eff = est.packed_rows_estimate(tokens, train_rows, d.max_length, strategy) if tokens else (0, 0.0)
+    if tokens and strategy != "none":
+        notes.append(f"packing efficiency assumed {eff:.0%} ({strategy}); exact with local data")
+    eval_rows = sum(s["eval_rows"] or 0 for s in sources if s["tokens"] is not None)
+    eval_tokens = sum((s["eval_rows"] or 0) * min(s["mean_tokens_per_row"], d.max_length) for s in sources if s["tokens"] is not None)
+    eval_packed = est.packed_rows_estimate(eval_tokens, eval_rows, d.max_length, strategy)[0] if eval_tokens else 0
+    return _data_totals(cfg, sources, basis="estimated (published split sizes; no data read)", packed=packed,
+                        efficiency=eff, eval_packed=eval_packed, notes=notes)
+
+
+def _data_totals(cfg, sources, *, basis, packed, efficiency, eval_packed, notes) -> dict[str, Any]:
+    tokens = sum(s["tokens"] or 0 for s in sources)
+    trained = sum(s["trained_tokens"] or 0 for s in sources)
+    rows = sum(s["train_rows"] or 0 for s in sources if s["tokens"] is not None)
+    # Attention cost grows with sequence length: token-weighted mean of the sources' mean lengths.
+    mean_len = sum((s["tokens"] ** 2) / s["train_rows"] for s in sources if s["tokens"] and s["train_rows"])
+    return {"basis": basis, "sources": sources, "train_rows": rows, "tokens": tokens, "trained_tokens": trained,
+            "trained_fraction": trained / tokens if tokens else None,
+            "token_weighted_mean_seq_len": mean_len / tokens if tokens else None,
+            "max_length": cfg.data.max_length, "packing_strategy": cfg.data.packing_strategy if cfg.data.packing else "none",
+            "train_packed_rows": packed, "packing_efficiency": efficiency, "eval_packed_rows": eval_packed, "notes": notes}
+
+
+# ----------------------------------------------------------------------------- memory and time
+
+
+def memory_plan(cfg: RaySFTConfig, shape: est.ModelShape | None) -> dict[str, Any]:
+    s, t, ds = cfg.scaling, cfg.trainer, cfg.deepspeed
+    if shape is None:
+        return {"estimate": None, "note": "model config.json not available offline: no memory estimate"}
+    gpu = s.use_gpu
+    bf16 = gpu and (t.bf16 or cfg.model.dtype == "bfloat16")
+    mem = est.memory_per_gpu(
+        shape, world_size=s.num_workers, micro_batch=t.per_device_train_batch_size, seq_len=cfg.data.max_length,
+        bf16=bf16, gradient_checkpointing=t.gradient_checkpointing, zero_stage=ds.stage if ds.enabled else None,
+        offload_optimizer=ds.enabled and ds.offload_optimizer, offload_param=ds.enabled and ds.offload_param,
+        peft=cfg.peft.method if cfg.peft.enabled else None, lora_r=cfg.peft.r, fused_lm_head=gpu, gpu=gpu)
+    out: dict[str, Any] = {"estimate_gb": mem.to_json(), "zero_stage": ds.stage if ds.enabled else None,
+                           "precision": "bf16" if bf16 else "fp32", "gradient_checkpointing": t.gradient_checkpointing,
+                           "peft": cfg.peft.method if cfg.peft.enabled else None,
+                           "trainable_params": shape.lora_params(cfg.peft.r) if cfg.peft.enabled else shape.num_params,
+                           "accelerator_type": s.accelerator_type, "gpu_memory_gb": None, "fits": None,
+                           "formula": "raysft.launch.estimates.memory_per_gpu (ZeRO paper's 16 bytes/param; activations "
+                                      "after Korthikanti et al. 2022)"}
+    if not gpu:
+        out["note"] = "CPU workers: the estimate is host memory per worker; no GPU to compare with"
+        return out
+    if s.accelerator_type not in est.GPUS:
+        out["note"] = (f"scaling.accelerator_type={s.accelerator_type!r}: no memory figure for it (known: "
+                       f"{', '.join(est.GPUS)}), not compared")
+        return out
+    cap = est.GPUS[s.accelerator_type][0]
+    use = mem.total / est.GB / cap
+    out |= {"gpu_memory_gb": cap, "fraction": round(use, 3), "fits": use <= 1.0,
+            "verdict": "fits" if use <= 0.9 else ("tight: within 10% of the GPU's memory" if use <= 1.0 else
+                                                  "DOES NOT FIT: needs more memory than the GPU has")}
+    return out
+
+
+def time_plan(cfg: RaySFTConfig, shape, data, steps) -> dict[str, Any]:
+    s, t = cfg.scaling, cfg.trainer
+    gpus = s.num_workers * (s.gpus_per_worker if s.use_gpu else 0)
+    gpu_facts = est.GPUS.get(s.accelerator_type or "")
+    tps, basis = cfg.plan.tokens_per_s_per_gpu, "plan.tokens_per_s_per_gpu"
+    if tps is None and s.use_gpu and gpu_facts and shape and data["token_weighted_mean_seq_len"]:
+        tps = est.derived_tokens_per_s(shape, gpu_facts[1], mean_seq_len=data["token_weighted_mean_seq_len"],
+                                       gradient_checkpointing=t.gradient_checkpointing, peft=cfg.peft.enabled)
+        basis = (f"derived: SmolLM3 pretraining MFU {est.REFERENCE_MFU:.1%} on {s.accelerator_type} "
+                 f"({gpu_facts[1]:.0f} TFLOP/s) for this model's FLOPs/token")
+    out: dict[str, Any] = {"tokens_per_s_per_gpu": round(tps) if tps else None, "throughput_basis": basis if tps else None,
+                           "gpus": gpus, "processed_tokens": None, "wall_hours": None, "gpu_hours": None,
+                           "usd_per_gpu_hour": None, "cost_usd": None}
+    if steps["total_steps"] is None:
+        out["note"] = "no step count (no token counts for the data): no time estimate"
+        return out
+    processed = steps["total_steps"] * steps["tokens_per_step"]
+    out["processed_tokens"] = processed
+    if tps is None:
+        out["note"] = ("no throughput figure: set plan.tokens_per_s_per_gpu (a short run logs tokens/s)"
+                       + ("" if s.use_gpu else "; on CPU workers it is per worker"))
+        return out
+    workers = s.num_workers
+    wall_s = processed / (tps * workers)
+    out |= {"wall_hours": round(wall_s / 3600, 3), "processed_tokens": processed}
+    if gpus:
+        price = cfg.plan.usd_per_gpu_hour if cfg.plan.usd_per_gpu_hour is not None else (gpu_facts[2] if gpu_facts else None)
+        gpu_hours = wall_s / 3600 * gpus
+        out |= {"gpu_hours": round(gpu_hours, 2), "usd_per_gpu_hour": price,
+                "price_basis": "plan.usd_per_gpu_hour" if cfg.plan.usd_per_gpu_hour is not None else "rough list price (estimates.GPUS)",
+                "cost_usd": round(gpu_hours * price, 2) if price is not None else None}
+    return out
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _n(v, fmt="{:,}") -> str:
+    return "?" if v is None else fmt.format(v)
+
+
+def print_plan(p: dict[str, Any]) -> None:
+    d, st, mem, tm = p["data"], p["steps"], p["memory"], p["time"]
+    m = p["model"]
+    print(f"raysft plan: stage {p['stage']}, model {m['name_or_path']} ({_n(m['params'])} params; "
+          f"max_position_embeddings {_n(m['max_position_embeddings'])})")
+    print(f"data: {d['basis']}")
+    w = max([6] + [len(s["name"]) for s in d["sources"]])
+    print(f"  {'source':<{w}}  {'weight':>6}  {'split rows':>12}  {'train rows':>12}  {'tokens':>15}  {'trained':>15}  basis")
+    for s in d["sources"]:
+        print(f"  {s['name']:<{w}}  {s['weight']:>6g}  {_n(s['split_rows']):>12}  {_n(s['train_rows']):>12}  "
+              f"{_n(s['tokens']):>15}  {_n(s['trained_tokens']):>15}  {s['basis']}")
+    frac = f" ({d['trained_fraction']:.1%} of tokens)" if d["trained_fraction"] is not None else ""
+    print(f"  total: {d['train_rows']:,} train rows, {d['tokens']:,} tokens, {d['trained_tokens']:,} trained after "
+          f"masking{frac}")
+    print(f"  packed: {d['train_packed_rows']:,} rows x {d['max_length']:,} tokens ({d['packing_strategy']}), efficiency "
+          f"{d['packing_efficiency']:.1%}; {d['eval_packed_rows']:,} eval rows")
+    for note in d["notes"]:
+        print(f"  note: {note}")
+    print(f"steps: {st['workers']} workers x {st['per_device_train_batch_size']} rows x {st['gradient_accumulation_steps']} "
+          f"accumulation = {st['rows_per_step']} rows/step; {_n(st['steps_per_epoch'])} steps/epoch, "
+          f"{_n(st['total_steps'])} in total ({st['epochs']:g} epochs)")
+    print(f"  tokens/step: {st['tokens_per_step']:,} processed, {_n(st['real_tokens_per_step'])} real, "
+          f"{_n(st['trained_tokens_per_step'])} trained")
+    if mem.get("estimate_gb"):
+        e = mem["estimate_gb"]
+        print(f"memory per {'GPU' if mem['gpu_memory_gb'] or p['time']['gpus'] else 'worker'} ({mem['precision']}, "
+              f"ZeRO stage {mem['zero_stage'] if mem['zero_stage'] is not None else '- (DDP)'}, "
+              f"{'gradient checkpointing' if mem['gradient_checkpointing'] else 'no checkpointing'}"
+              f"{', ' + mem['peft'] if mem['peft'] else ''}): {e['total']:.1f} GB = params {e['params']:.2f} + grads "
+              f"{e['grads']:.2f} + optimizer {e['optimizer']:.2f} + gathered params {e['gathered_params']:.2f} + "
+              f"checkpoints {e['activation_checkpoints']:.2f} + layer activations {e['layer_activations']:.2f} + loss head "
+              f"{e['loss_head']:.2f} + overhead {e['overhead']:.1f}")
+        if mem["gpu_memory_gb"]:
+            print(f"  vs {mem['accelerator_type']} {mem['gpu_memory_gb']:.0f} GB: {mem['fraction']:.0%}: {mem['verdict']}")
+    if mem.get("note"):
+        print(f"  note: {mem['note']}")
+    if tm["wall_hours"] is not None:
+        line = (f"time: {tm['processed_tokens']:,} processed tokens at {tm['tokens_per_s_per_gpu']:,} tokens/s per "
+                f"{'GPU' if tm['gpus'] else 'worker'} ({tm['throughput_basis']}) = {tm['wall_hours']:,.1f} h wall")
+        if tm["gpu_hours"] is not None:
+            line += f", {tm['gpu_hours']:,.0f} GPU-hours"
+            if tm["cost_usd"] is not None:
+                line += f", ~${tm['cost_usd']:,.0f} at ${tm['usd_per_gpu_hour']}/GPU-hour ({tm['price_basis']})"
+        print(line)
+    if tm.get("note"):
+        print(f"time: {tm['note']}")
+
+
+def plot_mixture(p: dict[str, Any], path: Path) -> None:
+    """Horizontal bars of each source's tokens and trained tokens; unknown sources marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    sources = p["data"]["sources"]
+    names = [s["name"] for s in sources]
+    tokens = [(s["tokens"] or 0) / 1e6 for s in sources]
+    trained = [(s["trained_tokens"] or 0) / 1e6 for s in sources]
+    y = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(10, 1.4 + 0.38 * len(names)))
+    ax.barh(y - 0.2, tokens, height=0.4, label="tokens")
+    ax.barh(y + 0.2, trained, height=0.4, label="trained tokens")
+    top = max(tokens + [1e-9])
+    for yy, s, v in zip(y, sources, tokens):
+        label = "unknown size" if s["tokens"] is None else f" {v:,.2f}M"
+        ax.text(v, yy - 0.2, label, va="center", fontsize=7)
+    ax.set_yticks(y, names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, top * 1.25)
+    ax.set_xlabel("millions of tokens")
+    ax.set_title(f"mixture by tokens: {p['data']['basis']}", fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
