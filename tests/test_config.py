@@ -117,6 +117,7 @@ FROZEN_KEYS = {
                 "max_grad_norm", "max_steps", "num_train_epochs", "per_device_train_batch_size", "report_to",
                 "save_steps", "save_strategy", "save_total_limit", "seed", "trl_overrides", "use_reentrant",
                 "warmup_ratio", "weight_decay"],
+    "plan": ["global_batch_rows", "tokens_per_s_per_gpu", "usd_per_gpu_hour"],
 }
 
 
@@ -125,7 +126,8 @@ def test_config_surface_is_frozen():
     cfg = compose()
     for group, keys in FROZEN_KEYS.items():
         assert sorted(f.name for f in dataclasses.fields(getattr(cfg, group))) == keys, group
-    assert set(schema) == {"model", "data", "trainer", "scaling", "storage", "deepspeed", "peft", "monitor", "stage"}
+    assert set(schema) == {"model", "data", "trainer", "scaling", "storage", "deepspeed", "peft", "monitor", "plan",
+                           "stage"}
 
 
 def test_step_count_is_derived_from_the_data():

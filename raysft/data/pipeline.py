@@ -108,6 +108,24 @@ def build_spec(data: DataConfig, tokenizer_path: str, *, epochs: int = 1) -> Dat
 # ----------------------------------------------------------------------------- one unit
 
 
+def load_fast_tokenizer(path: str):
+    """The fast tokenizer, without importing torch when possible.
+
+    NOTE: ``AutoTokenizer`` imports torch (~3 s of CPU per data actor here); every data actor loads
+    a tokenizer, so a local ``tokenizer.json`` is loaded through ``PreTrainedTokenizerFast``, which is
+    what rendering needs (a fast backend with offsets). Anything else goes through ``AutoTokenizer``."""
+    import os
+
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+
 def new_source_stats() -> dict[str, Any]:
     return {"selected": 0, "kept": 0, "bad": {}, "examples": [], "tokens": 0, "trained_tokens": 0,
             "truncated": 0, "dropped_too_long": 0}
@@ -120,14 +138,13 @@ class PrepareUnit:
     counts as JSON (the stats pass that sizes the run reads no tensors back)."""
 
     def __init__(self, spec: DataSpec, mode: str = "rows"):
-        from transformers import AutoTokenizer
 
         self.spec, self.mode = spec, mode
         self.units = {u.index: u for u in spec.unit_plan().units("train")}
         self.eval_units = {u.index: u for u in spec.unit_plan().units("eval")}
         self.unit_plan = spec.unit_plan()
         data = spec.data
-        self.tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_path)
+        self.tokenizer = load_fast_tokenizer(spec.tokenizer_path)
         self.renderer = ChatRenderer(self.tokenizer, assets.load_chat_template(data.chat_template),
                                      date=datetime.date.fromisoformat(spec.date), loss=data.loss,
                                      eos_token=data.eos_token)
@@ -316,6 +333,13 @@ def _merge(into: dict, add: dict) -> None:
             into[k] += v
 
 
+def where_in_file(path: str | None, row: int) -> str:
+    """'line N' (1-based, as editors count) for JSON Lines files, 'row N' (0-based) for tables."""
+    if path and path.endswith((".jsonl", ".ndjson", ".json")):
+        return f"line {row + 1}"
+    return f"row {row}"
+
+
 def check_quality(stats: DataStats, max_bad_fraction: float) -> None:
     problems = []
     for split_sources in (stats.sources, stats.eval_sources):
@@ -324,7 +348,8 @@ def check_quality(stats: DataStats, max_bad_fraction: float) -> None:
             bad = sum(n for reason, n in st["bad"].items() if not reason.startswith("duplicate"))
             if st["selected"] and bad / st["selected"] > max_bad_fraction:
                 lines = [f"  {reason}: {n}" for reason, n in sorted(st["bad"].items())]
-                ex = [f"  e.g. {e['file'] or name} row {e['row']}, field {e['field']}: {e['message']}" for e in st["examples"][:5]]
+                ex = [f"  e.g. {e['file'] or name} {where_in_file(e['file'], e['row'])}, field {e['field']}: {e['message']}"
+                      for e in st["examples"][:5]]
                 problems.append(f"source {name!r}: {bad} of {st['selected']} selected rows are malformed "
                                 f"({bad / st['selected']:.1%} > data.max_bad_fraction={max_bad_fraction}):\n" + "\n".join(lines + ex))
     if problems:

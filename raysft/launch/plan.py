@@ -368,7 +368,7 @@ def time_plan(cfg: RaySFTConfig, shape, data, steps) -> dict[str, Any]:
     if gpus:
         price = cfg.plan.usd_per_gpu_hour if cfg.plan.usd_per_gpu_hour is not None else (gpu_facts[2] if gpu_facts else None)
         gpu_hours = wall_s / 3600 * gpus
-        out |= {"gpu_hours": round(gpu_hours, 2), "usd_per_gpu_hour": price,
+        out |= {"gpu_hours": round(gpu_hours, 3), "usd_per_gpu_hour": price,
                 "price_basis": "plan.usd_per_gpu_hour" if cfg.plan.usd_per_gpu_hour is not None else "rough list price (estimates.GPUS)",
                 "cost_usd": round(gpu_hours * price, 2) if price is not None else None}
     return out
@@ -379,6 +379,11 @@ def time_plan(cfg: RaySFTConfig, shape, data, steps) -> dict[str, Any]:
 
 def _n(v, fmt="{:,}") -> str:
     return "?" if v is None else fmt.format(v)
+
+
+def _g(v: float) -> str:
+    """Two decimals below 10, thousands separators above: small runs are not rounded to 0."""
+    return f"{v:,.2f}" if abs(v) < 10 else f"{v:,.0f}"
 
 
 def print_plan(p: dict[str, Any]) -> None:
@@ -401,7 +406,7 @@ def print_plan(p: dict[str, Any]) -> None:
         print(f"  note: {note}")
     print(f"steps: {st['workers']} workers x {st['per_device_train_batch_size']} rows x {st['gradient_accumulation_steps']} "
           f"accumulation = {st['rows_per_step']} rows/step; {_n(st['steps_per_epoch'])} steps/epoch, "
-          f"{_n(st['total_steps'])} in total ({st['epochs']:g} epochs)")
+          f"{_n(st['total_steps'])} in total ({st['epochs']:g} epoch(s))")
     print(f"  tokens/step: {st['tokens_per_step']:,} processed, {_n(st['real_tokens_per_step'])} real, "
           f"{_n(st['trained_tokens_per_step'])} trained")
     if mem.get("estimate_gb"):
@@ -419,11 +424,11 @@ def print_plan(p: dict[str, Any]) -> None:
         print(f"  note: {mem['note']}")
     if tm["wall_hours"] is not None:
         line = (f"time: {tm['processed_tokens']:,} processed tokens at {tm['tokens_per_s_per_gpu']:,} tokens/s per "
-                f"{'GPU' if tm['gpus'] else 'worker'} ({tm['throughput_basis']}) = {tm['wall_hours']:,.1f} h wall")
+                f"{'GPU' if tm['gpus'] else 'worker'} ({tm['throughput_basis']}) = {_g(tm['wall_hours'])} h wall")
         if tm["gpu_hours"] is not None:
-            line += f", {tm['gpu_hours']:,.0f} GPU-hours"
+            line += f", {_g(tm['gpu_hours'])} GPU-hours"
             if tm["cost_usd"] is not None:
-                line += f", ~${tm['cost_usd']:,.0f} at ${tm['usd_per_gpu_hour']}/GPU-hour ({tm['price_basis']})"
+                line += f", ~${_g(tm['cost_usd'])} at ${tm['usd_per_gpu_hour']}/GPU-hour ({tm['price_basis']})"
         print(line)
     if tm.get("note"):
         print(f"time: {tm['note']}")
