@@ -55,6 +55,10 @@ def _walk(schema: typing.Any, parts: list[str], full: str) -> None:
     hints = typing.get_type_hints(schema)
     target = hints[head]
     origin = typing.get_origin(target)
+    if origin is typing.Union:  # Optional[X] (e.g. the sweep group): walk X
+        args = [a for a in typing.get_args(target) if a is not type(None)]
+        target = args[0] if len(args) == 1 else typing.Any
+        origin = typing.get_origin(target)
     if origin in (list, dict) or target is typing.Any:
         if origin is list and parts[1:] and parts[1].isdigit():  # e.g. data.dataset_mixture.datasets.0.weight
             (item,) = typing.get_args(target)
@@ -74,20 +78,69 @@ def _hydra_main() -> None:
         from raysft.launch.driver import run
 
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        run(to_typed(cfg))
+        typed = to_typed(cfg)
+        if typed.sweep is not None:  # `raysft sweep=lr ...`: a Ray Tune sweep of full runs
+            from hydra.core.hydra_config import HydraConfig
+
+            from raysft.launch import tune
+
+            hc = HydraConfig.get()
+            config_dir = next((s.path for s in hc.runtime.config_sources if s.provider == "command-line"), None)
+            try:
+                tune.run(list(hc.overrides.task), config_dir=config_dir, config_name=hc.job.config_name or "config")
+            except tune.SweepConfigError as e:
+                print(f"raysft: error: {e}", file=sys.stderr)
+                sys.exit(2)
+            return
+        run(typed)
 
     _train()
 
 
-def compose(overrides: list[str]) -> RaySFTConfig:
-    """The typed config for ``overrides``, composed exactly as the ``raysft`` command would."""
+def compose(overrides: list[str], *, config_dir: str | None = None, config_name: str = "config") -> RaySFTConfig:
+    """The typed config for ``overrides``, composed exactly as the ``raysft`` command would.
+
+    ``config_dir`` / ``config_name``: as ``raysft --config-dir DIR --config-name NAME`` (e.g. a sweep's
+    ``best.yaml``); the groups in ``conf/`` stay on the search path."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.singleton import Singleton
+
     register_configs()
     check_override_keys(overrides)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return to_typed(hydra_compose("config", overrides=overrides))
+    # Inside a running Hydra app (`raysft sweep=...` composes its trials) Hydra's global state is
+    # taken: set it aside while composing, then put it back.
+    running = Singleton._instances.pop(GlobalHydra, None)
+    try:
+        if config_dir is None:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+                return to_typed(hydra_compose(config_name, overrides=overrides))
+        with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):
+            return to_typed(hydra_compose(config_name, overrides=[*overrides, f"hydra.searchpath=[file://{CONF_DIR}]"]))
+    finally:
+        if running is not None:
+            Singleton._instances[GlobalHydra] = running
+
+
+# Hydra's own flags that take a value (``--cfg job``, ``--config-dir DIR``): the value is no override.
+_HYDRA_VALUE_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--cfg", "-c",
+                      "--package", "-p", "--experimental-rerun"}
+_HYDRA_INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def _overrides_in(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a.startswith("-"):
+            skip = a in _HYDRA_VALUE_FLAGS or (a in ("--info", "-i") and argv[i + 1:i + 2] != [] and argv[i + 1] in _HYDRA_INFO_TOPICS)
+            continue
+        out.append(a)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             from raysft.launch import commands
 
             return commands.dispatch(argv)
-        check_override_keys([a for a in argv if not a.startswith("-")])
+        check_override_keys(_overrides_in(argv))
     except (OverrideKeyError, ValueError) as e:
         print(f"raysft: error: {e}", file=sys.stderr)
         return 2

@@ -139,3 +139,9 @@ def test_step_count_is_derived_from_the_data():
     stats.train_packed_rows = 5
     with pytest.raises(ValueError, match="fewer than one optimizer step"):
         steps_for(stats, cfg)
+
+
+def test_redaction_keeps_every_real_config_value():
+    for recipe in ("smollm3_mid", "smollm3_sft"):
+        plain = to_plain(compose(f"recipe={recipe}"))
+        assert redact(plain) == plain

@@ -174,7 +174,8 @@ COURSE = {
     "qlora": {"model.name_or_path": "HuggingFaceTB/SmolLM3-3B-Base", "peft.enabled": True, "peft.method": "qlora",
               "peft.load_in_4bit": True, "trainer.gradient_checkpointing": True, "trainer.learning_rate": 2.0e-4},
 }
-LOCAL = ("model=tiny_smollm3", "scaling=local_cpu", "data=sample_sft")
+# stage=tiny too: the course stage's 4 x 2048-token micro-batches need ~13 GB per CPU worker (128k-vocab logits).
+LOCAL = ("model=tiny_smollm3", "scaling=local_cpu", "data=sample_sft", "stage=tiny")
 
 
 @pytest.mark.parametrize("name", sorted(COURSE))
@@ -196,6 +197,7 @@ def test_course_recipe_local_variant_composes(name):
     assert cfg.model.init == "random" and cfg.model.name_or_path == "bundled:smollm3"
     assert not cfg.scaling.use_gpu and cfg.scaling.num_workers == 2 and cfg.scaling.accelerator_type is None
     assert cfg.data.root == "bundled:data/smoltalk2-sample" and len(cfg.data.dataset_mixture.datasets) == 2
+    assert cfg.stage == "tiny" and cfg.data.max_length == 512 and cfg.trainer.per_device_train_batch_size == 1
     # The recipe's own choices survive the local overrides.
-    assert cfg.stage == "course" and cfg.peft.enabled == COURSE[name]["peft.enabled"]
+    assert cfg.peft.enabled == COURSE[name]["peft.enabled"] and cfg.peft.method == COURSE[name].get("peft.method", "lora")
     assert cfg.trainer.gradient_checkpointing == COURSE[name]["trainer.gradient_checkpointing"]

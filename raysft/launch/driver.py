@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import math
 import os
 import time
@@ -21,7 +22,9 @@ from raysft.train import model as models
 log = logging.getLogger("raysft")
 
 EVAL_MATERIALIZE_MAX_TOKENS = 200_000_000  # ~2.4 GB of packed int32/int16 columns
-SECRET_MARKERS = ("token", "secret", "password", "api_key", "access_key")
+# Keys whose string values are secrets (hub_token, wandb api_key, aws_secret_access_key, ...);
+# "max_new_tokens" or "average_tokens_across_devices" are not.
+SECRET_KEY = re.compile(r"(token|secret|password|passwd|api_key|access_key|credentials?)$", re.IGNORECASE)
 
 
 @dataclass
@@ -80,7 +83,7 @@ def steps_for(stats: DataStats, cfg: RaySFTConfig) -> int:
 def redact(obj: Any) -> Any:
     """Drop any secret-looking value before a config is written anywhere."""
     if isinstance(obj, dict):
-        return {k: ("<redacted>" if any(m in str(k).lower() for m in SECRET_MARKERS) and v else redact(v)) for k, v in obj.items()}
+        return {k: ("<redacted>" if SECRET_KEY.search(str(k)) and isinstance(v, str) and v else redact(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     return obj
@@ -102,7 +105,9 @@ def print_data_summary(stats: DataStats) -> None:
           f"{stats.packing_efficiency:.1%}; {stats.eval_packed_rows:,} eval rows; template date {stats.date}")
 
 
-def run(cfg: RaySFTConfig) -> RunResult:
+def run(cfg: RaySFTConfig, callbacks: list | None = None) -> RunResult:
+    """One training run. ``callbacks``: extra Ray Train callbacks for the TorchTrainer's RunConfig
+    (a sweep trial passes the one that reports to Ray Tune)."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -143,7 +148,7 @@ def run(cfg: RaySFTConfig) -> RunResult:
         train_loop,
         train_loop_config=loop.to_dict(),
         scaling_config=scaling_config(cfg),
-        run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=0),
+        run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=0), callbacks=callbacks,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.save_total_limit)),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split="all"),

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import sys
 import time
@@ -152,7 +151,8 @@ def refusals(cfg: RaySFTConfig, shape: est.ModelShape | None, model_source: str)
     t, s, want = cfg.trainer, cfg.scaling, cfg.plan.global_batch_rows
     micro = s.num_workers * t.per_device_train_batch_size
     if want is not None and micro * t.gradient_accumulation_steps != want:
-        got = f"{s.num_workers} workers x {t.per_device_train_batch_size} rows x {t.gradient_accumulation_steps} accumulation = {micro * t.gradient_accumulation_steps}"
+        got = (f"{s.num_workers} workers x {t.per_device_train_batch_size} rows x {t.gradient_accumulation_steps} "
+               f"accumulation = {micro * t.gradient_accumulation_steps}")
         if want % micro:
             reasons.append(f"global batch: plan.global_batch_rows={want} is not divisible by {s.num_workers} workers x "
                            f"{t.per_device_train_batch_size} rows = {micro}, so no gradient_accumulation_steps gives it "
@@ -285,7 +285,8 @@ def estimated_data(cfg: RaySFTConfig) -> dict[str, Any]:
     if tokens and strategy != "none":
         notes.append(f"packing efficiency assumed {eff:.0%} ({strategy}); exact with local data")
     eval_rows = sum(s["eval_rows"] or 0 for s in sources if s["tokens"] is not None)
-    eval_tokens = sum((s["eval_rows"] or 0) * min(s["mean_tokens_per_row"], d.max_length) for s in sources if s["tokens"] is not None)
+    eval_tokens = sum((s["eval_rows"] or 0) * min(s["mean_tokens_per_row"], d.max_length)
+                      for s in sources if s["tokens"] is not None)
     eval_packed = est.packed_rows_estimate(eval_tokens, eval_rows, d.max_length, strategy)[0] if eval_tokens else 0
     return _data_totals(cfg, sources, basis="estimated (published split sizes; no data read)", packed=packed,
                         efficiency=eff, eval_packed=eval_packed, notes=notes)
@@ -368,8 +369,9 @@ def time_plan(cfg: RaySFTConfig, shape, data, steps) -> dict[str, Any]:
     if gpus:
         price = cfg.plan.usd_per_gpu_hour if cfg.plan.usd_per_gpu_hour is not None else (gpu_facts[2] if gpu_facts else None)
         gpu_hours = wall_s / 3600 * gpus
-        out |= {"gpu_hours": round(gpu_hours, 3), "usd_per_gpu_hour": price,
-                "price_basis": "plan.usd_per_gpu_hour" if cfg.plan.usd_per_gpu_hour is not None else "rough list price (estimates.GPUS)",
+        price_basis = ("plan.usd_per_gpu_hour" if cfg.plan.usd_per_gpu_hour is not None
+                       else "rough list price (estimates.GPUS)")
+        out |= {"gpu_hours": round(gpu_hours, 3), "usd_per_gpu_hour": price, "price_basis": price_basis,
                 "cost_usd": round(gpu_hours * price, 2) if price is not None else None}
     return out
 
