@@ -103,7 +103,8 @@ if info.status == JobStatus.SUCCEEDED:
     sys.exit(0)
 if info.status == JobStatus.FAILED:
     code = info.driver_exit_code
-    print(f"submit.sh: job {info.submission_id} failed (driver exit code {code}): {info.message}", file=sys.stderr)
+    first_line = (info.message or "").splitlines()[0] if info.message else ""
+    print(f"submit.sh: job {info.submission_id} failed (driver exit code {code}): {first_line}", file=sys.stderr)
     sys.exit(code if isinstance(code, int) and 0 < code < 256 else 1)
 print(f"submit.sh: job {info.submission_id} is {info.status}: {info.message}", file=sys.stderr)
 sys.exit(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import subprocess
 import sys
 
@@ -130,18 +131,33 @@ def test_config_surface_is_frozen():
                            "stage"}
 
 
-def test_step_count_is_derived_from_the_data():
+@pytest.mark.parametrize("rows,workers,batch,ga,epochs", [
+    (100, 2, 2, 3, 2.0), (48, 2, 1, 1, 1.0), (7, 1, 2, 2, 1.0), (1000, 64, 1, 2, 4.0), (130, 8, 1, 2, 0.5), (9, 2, 1, 4, 3.0),
+])
+def test_step_count_matches_a_plain_trl_launch(rows, workers, batch, ga, epochs, tmp_path):
+    """Our derived max_steps equals what HF Trainer computes for each rank's dataloader in a plain
+    accelerate launch (DistributedSampler: ceil(rows / world) rows per rank, drop_last=False)."""
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import Trainer, TrainingArguments
+
     from raysft.data.pipeline import DataStats
 
-    cfg = compose("trainer.per_device_train_batch_size=2", "trainer.gradient_accumulation_steps=3", "trainer.num_train_epochs=2")
-    stats = DataStats(sources={}, train_packed_rows=100, train_packed_tokens=0, eval_packed_rows=0, max_length=512, date="2026-01-01")
-    assert steps_for(stats, cfg) == (2 * 100) // (2 * 2 * 3)
-    stats.train_packed_rows = 5
-    with pytest.raises(ValueError, match="fewer than one optimizer step"):
+    cfg = compose(f"trainer.per_device_train_batch_size={batch}", f"trainer.gradient_accumulation_steps={ga}",
+                  f"trainer.num_train_epochs={epochs}", f"scaling.num_workers={workers}")
+    stats = DataStats(sources={}, train_packed_rows=rows, train_packed_tokens=0, eval_packed_rows=0, max_length=512, date="2026-01-01")
+    per_rank = DataLoader(list(range(math.ceil(rows / workers))), batch_size=batch)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=batch, gradient_accumulation_steps=ga,
+                             num_train_epochs=epochs, use_cpu=True, report_to=[])
+    trainer = Trainer(model=torch.nn.Linear(1, 1), args=args)
+    hf_max_steps = trainer.set_initial_training_values(args, per_rank)[-1]
+    assert steps_for(stats, cfg) == hf_max_steps
+
+
+def test_too_little_data_for_one_step_is_refused():
+    from raysft.data.pipeline import DataStats
+
+    cfg = compose("trainer.per_device_train_batch_size=4")
+    stats = DataStats(sources={}, train_packed_rows=5, train_packed_tokens=0, eval_packed_rows=0, max_length=512, date="2026-01-01")
+    with pytest.raises(ValueError, match="fewer than one micro-batch"):
         steps_for(stats, cfg)
-
-
-def test_redaction_keeps_every_real_config_value():
-    for recipe in ("smollm3_mid", "smollm3_sft"):
-        plain = to_plain(compose(f"recipe={recipe}"))
-        assert redact(plain) == plain

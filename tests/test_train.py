@@ -27,6 +27,23 @@ def _losses(metrics):
     return [m["loss"] for m in metrics if "loss" in m and "eval_loss" not in m]
 
 
+def _expected_lrs(steps: int, lr: float) -> list[float]:
+    """The learning rate each step trains with, from transformers' scheduler, built independently."""
+    import torch
+    from transformers import TrainingArguments, get_scheduler
+
+    warmup = TrainingArguments(output_dir="unused", warmup_steps=0.03, use_cpu=True, report_to=[]).get_warmup_steps(steps)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    sched = get_scheduler("cosine_with_min_lr", opt, num_warmup_steps=warmup, num_training_steps=steps,
+                          scheduler_specific_kwargs={"min_lr_rate": 0.1})
+    out = []
+    for _ in range(steps):
+        out.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    return out
+
+
 def _generate(model_dir: Path, tokenizer) -> str:
     import torch
     from transformers import AutoModelForCausalLM
@@ -46,6 +63,9 @@ def test_default_run_trains_saves_and_reports(ray_cluster, tmp_path, tokenizer):
     losses = _losses(metrics)
     assert len(losses) == 8
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.1, losses  # the loss goes down
+
+    # The LR schedule is HF's own on the derived step count: cosine_with_min_lr, warmup_ratio 0.03.
+    assert [m["learning_rate"] for m in metrics if "learning_rate" in m] == pytest.approx(_expected_lrs(8, 3e-3))
 
     step = next(m for m in metrics if m.get("global_step") == 4 and "loss" in m)
     for key in ("loss", "learning_rate", "grad_norm", "num_tokens", "mean_token_accuracy", "entropy", "epoch",

@@ -69,15 +69,19 @@ def run_uri_of(cfg: RaySFTConfig, name: str) -> str:
 
 
 def steps_for(stats: DataStats, cfg: RaySFTConfig) -> int:
-    """Optimizer steps the stream can feed: every worker gets the same number of full micro-batches."""
+    """Optimizer steps, exactly as a plain ``accelerate launch`` of the same config would count them
+    on the same packed rows: each of W ranks gets ``ceil(rows / W)`` rows per epoch (the distributed
+    sampler pads), in ``ceil(. / batch)`` micro-batches, and an epoch is ``ceil(micro-batches / GA)``
+    steps (HF ``Trainer.set_initial_training_values``). When the stream runs out before the last step,
+    the trainer starts another pass over it, as the distributed sampler repeats rows to pad."""
     t, w = cfg.trainer, cfg.scaling.num_workers
-    rows_per_step = w * t.per_device_train_batch_size * t.gradient_accumulation_steps
-    steps = int(t.num_train_epochs * stats.train_packed_rows) // rows_per_step
-    if steps < 1:
-        raise ValueError(f"the data give {stats.train_packed_rows} packed rows per epoch, fewer than one optimizer step "
-                         f"needs ({w} workers x {t.per_device_train_batch_size} rows x {t.gradient_accumulation_steps} "
-                         f"accumulation = {rows_per_step}): add data, raise source weights or lower the batch")
-    return steps
+    micro_batches = math.ceil(math.ceil(stats.train_packed_rows / w) / t.per_device_train_batch_size)
+    steps_per_epoch = max(math.ceil(micro_batches / t.gradient_accumulation_steps), 1)
+    if stats.train_packed_rows < w * t.per_device_train_batch_size:
+        raise ValueError(f"the data give {stats.train_packed_rows} packed rows per epoch, fewer than one micro-batch "
+                         f"on every worker needs ({w} workers x {t.per_device_train_batch_size} rows): add data, raise "
+                         "source weights or lower the batch")
+    return math.ceil(t.num_train_epochs * steps_per_epoch)
 
 
 def redact(obj: Any) -> Any:
