@@ -55,9 +55,11 @@ class SourceConfig:
     """Local file, directory, hub-layout mirror or ``save_to_disk`` folder, instead of ``id``."""
     config: Optional[str] = None
     split: str = "train"
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) of ``id``; None = main."""
     columns: Optional[list[str]] = None
-    weight: float = 1.0
-    """Fraction of the source's rows kept after a seeded shuffle (handbook semantics).
+    weight: Optional[float] = 1.0
+    """Fraction of the source's rows kept after a seeded shuffle (handbook semantics; null = 1.0).
     ``weight > 1`` repeats the source ``ceil(weight)`` times, then keeps that fraction."""
     name: Optional[str] = None
     """Label used in stats and per-source losses; defaults to the split name."""
@@ -65,6 +67,8 @@ class SourceConfig:
     def validate(self) -> None:
         if (self.id is None) == (self.path is None):
             raise ValueError(f"data source {self.label!r}: set exactly one of `id` (hub dataset) or `path` (local)")
+        if self.weight is None:  # handbook mixtures may leave the weight out: keep every row
+            self.weight = 1.0
         if not self.weight > 0:
             raise ValueError(f"data source {self.label!r}: weight must be > 0, got {self.weight}")
 

@@ -21,7 +21,8 @@ DATE = "data.date=2026-01-01"  # the sft template prints the date: pin it so bot
 
 @pytest.mark.ray
 def test_plan_on_the_local_sample_matches_an_actual_data_pass(ray_cluster, tmp_path, capsys):
-    from raysft.data.pipeline import build_dataset, build_spec
+    from raysft.data.pipeline import DataStats, build_dataset, build_spec
+    from raysft.launch.driver import steps_for
     from raysft.train.model import tokenizer_path
 
     assert main(["plan", "--out", str(tmp_path), DATE]) == 0
@@ -50,7 +51,7 @@ def test_plan_on_the_local_sample_matches_an_actual_data_pass(ray_cluster, tmp_p
     t = cfg.trainer
     per_step = cfg.scaling.num_workers * t.per_device_train_batch_size * t.gradient_accumulation_steps
     assert p["steps"]["rows_per_step"] == per_step
-    assert p["steps"]["total_steps"] == int(t.num_train_epochs * rows) // per_step
+    assert p["steps"]["total_steps"] == steps_for(DataStats({}, rows, 0, 0, cfg.data.max_length, ""), cfg) > 0
     assert p["steps"]["tokens_per_step"] == per_step * cfg.data.max_length
 
 
@@ -70,7 +71,8 @@ def test_smollm3_sft_offline_plan_is_labelled_estimated(tmp_path, capsys):
     assert 1.5e9 < p["data"]["tokens"] < 2.2e9
     st = p["steps"]
     assert st["rows_per_step"] == 128 and st["tokens_per_step"] == 128 * 65536
-    assert st["total_steps"] == int(4 * p["data"]["train_packed_rows"]) // 128
+    assert st["total_steps"] == pytest.approx(4 * p["data"]["train_packed_rows"] / 128, abs=2)
+    assert st["steps_per_epoch"] == pytest.approx(p["data"]["train_packed_rows"] / 128, abs=1)
     assert p["memory"]["fits"] is True and p["time"]["gpus"] == 64 and p["time"]["cost_usd"] > 0
 
 
@@ -143,6 +145,7 @@ def test_tiny_model_parameter_count_matches_the_built_model():
     (["recipe=smollm3_sft", "scaling=gpu_1x8"], "set trainer.gradient_accumulation_steps=16"),
     (["recipe=smollm3_sft", "scaling.num_workers=48"], "is not divisible by 48 workers"),
     (["data.dataset_mixture.datasets.0.weight=0"], "weight must be > 0"),  # refused as the config composes
+    (["recipe=sft_single_gpu", "trainer.gradient_accumulation_steps=1000"], "fewer than one"),  # ~300 packed rows
 ])
 def test_impossible_configs_are_refused_with_exit_2(overrides, fragment, capsys, tmp_path):
     assert main(["plan", "--out", str(tmp_path), *overrides]) == 2

@@ -63,7 +63,8 @@ def resolve_sources(data: DataConfig) -> list[ResolvedSource]:
     root = assets.resolve(data.root)
     out, seen = [], Counter()
     for s in data.dataset_mixture.datasets:
-        files = resolve_files(id=s.id, path=assets.resolve(s.path), config=s.config, split=s.split, data_root=root)
+        files = resolve_files(id=s.id, path=assets.resolve(s.path), config=s.config, split=s.split, data_root=root,
+                              revision=s.revision)
         name = s.label
         seen[name] += 1
         if seen[name] > 1:  # the same split listed twice stays two sources with distinct names

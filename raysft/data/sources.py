@@ -55,7 +55,7 @@ class SourceFile:
 
 def resolve_files(
     *, id: str | None = None, path: str | None = None, config: str | None = None,
-    split: str = "train", data_root: str | None = None,
+    split: str = "train", data_root: str | None = None, revision: str | None = None,
 ) -> list[SourceFile]:
     """Resolve one source spec to its data files, in a stable order, with row counts.
 
@@ -88,7 +88,7 @@ def resolve_files(
         if not root.is_dir():
             raise DataSourceError(f"data.root={data_root!r} is not a directory; point it at a local mirror of {id!r} in hub layout")
         return _resolve_hub_layout_local(root, config, split, what=f"local mirror {str(root)!r} of {id!r}")
-    return _resolve_hub(id, config, split)
+    return _resolve_hub(id, config, split, revision)
 
 
 def _expand(p: str) -> str:
@@ -202,13 +202,15 @@ def _resolve_hub_layout_local(root: Path, config: str | None, split: str, what: 
     return [_source_file(p) for p in paths]
 
 
-def _resolve_hub(id: str, config: str | None, split: str) -> list[SourceFile]:
+def _resolve_hub(id: str, config: str | None, split: str, revision: str | None = None) -> list[SourceFile]:
     try:
         from huggingface_hub import HfFileSystem
     except ImportError as e:
         raise DataSourceError(f"reading dataset {id!r} from the hub needs huggingface_hub (pip install huggingface_hub), "
                               f"or set data.root=<local mirror> / source path=...") from e
-    fs, base, what = HfFileSystem(), f"datasets/{id}", f"hub dataset {id!r}"
+    # HfFileSystem addresses a revision as datasets/<id>@<revision>/...
+    at = f"@{revision}" if revision and revision != "main" else ""
+    fs, base, what = HfFileSystem(), f"datasets/{id}{at}", f"hub dataset {id!r}" + (f" at {revision!r}" if at else "")
     try:
         try:
             fs.ls(base, detail=False)

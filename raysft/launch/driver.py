@@ -35,8 +35,9 @@ class RunResult:
     metrics: dict[str, Any]
 
 
-def init_ray(cfg: RaySFTConfig) -> None:
-    """Connect to a cluster (``scaling.address`` or ``RAY_ADDRESS``) or start Ray in-process."""
+def init_ray(cfg: RaySFTConfig, dashboard: bool = False) -> None:
+    """Connect to a cluster (``scaling.address`` or ``RAY_ADDRESS``) or start Ray in-process
+    (with the dashboard if ``dashboard``: sweeps need its State API to free stopped trials' workers)."""
     import ray
 
     if ray.is_initialized():
@@ -50,7 +51,7 @@ def init_ray(cfg: RaySFTConfig) -> None:
     # Ray schedules by logical CPUs: with exactly as many as the train workers take, Ray Data gets
     # none and the run hangs. Oversubscribe by default (the data tasks use fractional CPUs).
     num_cpus = s.local_num_cpus or int(math.ceil(s.num_workers * s.cpus_per_worker)) + 2
-    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 << 20,
+    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, object_store_memory=512 << 20,
              runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}})
 
 

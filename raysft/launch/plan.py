@@ -120,13 +120,15 @@ def build_plan(cfg: RaySFTConfig) -> dict[str, Any]:
              "steps_per_epoch": None, "total_steps": None, "tokens_per_step": rows_per_step * cfg.data.max_length,
              "real_tokens_per_step": None, "trained_tokens_per_step": None}
     if packed:
-        total = t.max_steps if t.max_steps > 0 else int(t.num_train_epochs * packed) // rows_per_step
-        if total < 1:
-            raise PlanRefused([f"the data give {packed:,} packed rows per epoch ({data['basis']}), fewer than one "
-                               f"optimizer step needs ({s.num_workers} workers x {t.per_device_train_batch_size} rows x "
-                               f"{t.gradient_accumulation_steps} accumulation = {rows_per_step}): add data, raise "
-                               f"source weights or lower the batch"])
-        steps |= {"steps_per_epoch": packed // rows_per_step, "total_steps": total,
+        try:  # the driver's own derivation, so the plan and the run agree
+            total = t.max_steps if t.max_steps > 0 else _steps(cfg, packed)
+        except ValueError as e:
+            raise PlanRefused([f"{e} ({data['basis']})"]) from None
+        try:
+            per_epoch = _steps(cfg, packed, epochs=1.0)
+        except ValueError:
+            per_epoch = 0
+        steps |= {"steps_per_epoch": per_epoch, "total_steps": total,
                   "real_tokens_per_step": round(rows_per_step * cfg.data.max_length * data["packing_efficiency"]),
                   "trained_tokens_per_step": round(rows_per_step * data["trained_tokens"] / packed)}
         if cfg.data.packing_strategy == "none" or not cfg.data.packing:
@@ -139,6 +141,21 @@ def build_plan(cfg: RaySFTConfig) -> dict[str, Any]:
     plan["memory"] = memory_plan(cfg, shape)
     plan["time"] = time_plan(cfg, shape, data, steps)
     return plan
+
+
+def _steps(cfg: RaySFTConfig, packed_rows: int, epochs: float | None = None) -> int:
+    """``driver.steps_for`` on ``packed_rows`` (raises ValueError below one optimizer step)."""
+    import copy
+
+    from raysft.data.pipeline import DataStats
+    from raysft.launch.driver import steps_for
+
+    if epochs is not None:
+        cfg = copy.deepcopy(cfg)
+        cfg.trainer.num_train_epochs = epochs
+    stats = DataStats(sources={}, train_packed_rows=packed_rows, train_packed_tokens=0, eval_packed_rows=0,
+                      max_length=cfg.data.max_length, date="")
+    return steps_for(stats, cfg)
 
 
 def refusals(cfg: RaySFTConfig, shape: est.ModelShape | None, model_source: str) -> list[str]:

@@ -310,7 +310,9 @@ def run(overrides: list[str], *, config_dir: Optional[str] = None, config_name: 
     if not ray.is_initialized() and not (cfg.scaling.address or os.environ.get("RAY_ADDRESS")) and cfg.scaling.local_num_cpus is None:
         s = cfg.scaling
         cfg.scaling.local_num_cpus = int(math.ceil(sweep.max_concurrent_trials * (s.num_workers * s.cpus_per_worker + sweep.trial_cpus))) + 2
-    driver.init_ray(cfg)
+    # The dashboard serves the State API, through which Ray Train's cleaner frees the workers of a
+    # trial that Tune stopped (ReapOrphanPlacementGroups covers a Ray started without it).
+    driver.init_ray(cfg, dashboard=True)
 
     storage_path = cfg.storage.path if files.is_remote(cfg.storage.path) else os.path.abspath(cfg.storage.path)
     sweep_uri = files.join(storage_path, sweep.name)
@@ -339,7 +341,9 @@ def run(overrides: list[str], *, config_dir: Optional[str] = None, config_name: 
             trainable,
             param_space=tune_space(sweep.space),
             tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
-                                        max_concurrent_trials=sweep.max_concurrent_trials,
+                                        # The random/grid generator limits concurrency itself (Tune
+                                        # ignores max_concurrent_trials for it); a Searcher gets a limiter.
+                                        max_concurrent_trials=sweep.max_concurrent_trials if sweep.search_alg != "random" else None,
                                         scheduler=make_scheduler(sweep), search_alg=make_search_alg(sweep),
                                         trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(name=sweep.name, storage_path=fs_path if fs_kw else storage_path,
@@ -380,7 +384,7 @@ def make_search_alg(sweep: SweepConfig):
         return OptunaSearch(sampler=sampler)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=sweep.seed)
+    return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials)
 
 
 # ----------------------------------------------------------------------------- results
@@ -497,6 +501,9 @@ def plot(curves: dict[str, list[tuple[int, float]]], rows: list[dict[str, Any]],
         xs, ys = zip(*pts)
         ax.plot(xs, ys, lw=2.5 if is_best else 1.2, ls="--" if r["status"] == "stopped early" else "-",
                 marker="o" if len(pts) < 30 else None, ms=3, label=label + (" (best)" if is_best else ""))
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(sweep.metric)
     ax.set_title(f"sweep {sweep.name} (dashed: stopped early)", fontsize=10)
