@@ -213,6 +213,9 @@ class ScalingConfig:
     """CPUs reserved by each data preparation task (fractional, so it can share a core with workers)."""
     data_concurrency: int = 1
     """Data preparation actors per dataset (more on clusters with CPU nodes). The output is the same."""
+    max_failures: int = 0
+    """Ray Train restarts the worker group this many times after a failure, resuming from the
+    latest checkpoint (``ray.train.FailureConfig``); -1 = forever."""
     data_timeout_s: float = 1800.0
     """A worker waiting this long for its next batch fails the run with a message instead of hanging."""
 

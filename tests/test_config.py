@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT, compose
 
 from raysft.cli import CONF_DIR, OverrideKeyError, check_override_keys, main
-from raysft.config import RaySFTConfig, from_plain, to_plain
+from raysft.config import RaySFTConfig, SweepConfig, from_plain, to_plain
 from raysft.launch.driver import redact, steps_for
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
@@ -128,7 +128,12 @@ def test_config_surface_is_frozen():
     for group, keys in FROZEN_KEYS.items():
         assert sorted(f.name for f in dataclasses.fields(getattr(cfg, group))) == keys, group
     assert set(schema) == {"model", "data", "trainer", "scaling", "storage", "deepspeed", "peft", "monitor", "plan",
-                           "stage"}
+                           "stage", "sweep"}
+    # The sweep group (conf/sweep/): unset unless `sweep=<preset>` is given.
+    assert cfg.sweep is None
+    assert sorted(f.name for f in dataclasses.fields(SweepConfig)) == [
+        "max_concurrent_trials", "metric", "mode", "name", "num_samples", "scheduler", "search_alg", "seed", "space",
+        "trial_cpus"]
 
 
 @pytest.mark.parametrize("rows,workers,batch,ga,epochs", [

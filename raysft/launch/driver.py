@@ -85,6 +85,16 @@ def steps_for(stats: DataStats, cfg: RaySFTConfig) -> int:
     return math.ceil(t.num_train_epochs * steps_per_epoch)
 
 
+def save_steps_for(cfg: RaySFTConfig, max_steps: int) -> float:
+    """Checkpoint interval in steps (0 = none). ``epoch`` becomes steps: the stream has no epoch ends."""
+    t = cfg.trainer
+    if t.save_strategy == "no":
+        return 0
+    if t.save_strategy == "epoch":
+        return max(1, math.ceil(max_steps / max(t.num_train_epochs, 1e-9)))
+    return t.save_steps if t.save_steps >= 1 else max(1, math.ceil(t.save_steps * max_steps))
+
+
 def redact(obj: Any) -> Any:
     """Drop any secret-looking value before a config is written anywhere."""
     if isinstance(obj, dict):
@@ -147,13 +157,18 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None) -> RunResult:
         if stats.eval_packed_rows * cfg.data.max_length <= EVAL_MATERIALIZE_MAX_TOKENS:
             eval_ds = eval_ds.materialize()
         datasets["eval"] = eval_ds
-    loop = LoopConfig(cfg=to_plain(cfg), run_uri=run_uri, max_steps=max_steps, source_names=spec.source_names, has_eval=has_eval)
-    storage_path, _ = os.path.split(run_uri)
+    loop = LoopConfig(cfg=to_plain(cfg), run_uri=run_uri, max_steps=max_steps, source_names=spec.source_names,
+                      has_eval=has_eval, save_steps=save_steps_for(cfg, max_steps))
+    storage_path, _ = run_uri.rsplit("/", 1)
+    # Ray Train stores through the same pyarrow filesystem as our own files (S3 endpoint included).
+    storage_fs, storage_path = files.filesystem(storage_path) if files.is_remote(storage_path) else (None, storage_path)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop.to_dict(),
         scaling_config=scaling_config(cfg),
-        run_config=RunConfig(name=name, storage_path=storage_path, failure_config=FailureConfig(max_failures=0), callbacks=callbacks,
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
+                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                             worker_runtime_env={"env_vars": files.forwarded_env()}, callbacks=callbacks,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.save_total_limit)),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split="all"),

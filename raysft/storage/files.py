@@ -25,9 +25,19 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if uri.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
         endpoint = os.environ["AWS_ENDPOINT_URL"]
         fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="https" if endpoint.startswith("https") else "http",
-                               region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+                               region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+                               access_key=os.environ.get("AWS_ACCESS_KEY_ID"), secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"))
         return fs, uri[len("s3://"):]
     return pafs.FileSystem.from_uri(uri)
+
+
+# Environment forwarded from the launching process to Ray Train workers at run time (credentials
+# and endpoints for storage and trackers). Never written into a config or a run directory.
+FORWARDED_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "HF_", "WANDB_", "TRACKIO_")
+
+
+def forwarded_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
 
 
 def join(uri: str, *parts: str) -> str:

@@ -25,10 +25,11 @@ class MetricsCallback(TrainerCallback):
         self.flops_per_token, self.peak = flops_per_token, peak_flops_per_device
         self._t0 = self._last_t = None
         self._last_tokens = 0.0
+        self.resume_tokens = 0.0  # num_tokens already trained before a resume
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._t0 = self._last_t = time.perf_counter()
-        self._last_tokens = 0.0
+        self._last_tokens = float(self.resume_tokens)
         if self.path and state.is_world_process_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 

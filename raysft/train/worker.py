@@ -23,12 +23,14 @@ class LoopConfig:
     max_steps: int
     source_names: list[str]
     has_eval: bool
+    save_steps: float = 0  # 0 = no checkpoints; < 1 = a fraction of max_steps (as the recipes)
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
 
 
-def build_sft_args(cfg: RaySFTConfig, *, output_dir: str, max_steps: int, has_eval: bool, bf16: bool, rank: int):
+def build_sft_args(cfg: RaySFTConfig, *, output_dir: str, max_steps: int, has_eval: bool, bf16: bool, rank: int,
+                   save_steps: float = 0):
     """SFTConfig from the curated ``trainer`` group; the data arrive packed, so TRL's own
     preparation (tokenize, pack, collate) is switched off."""
     import torch
@@ -61,7 +63,10 @@ def build_sft_args(cfg: RaySFTConfig, *, output_dir: str, max_steps: int, has_ev
         logging_first_step=True,
         eval_strategy="steps" if eval_on else "no",
         eval_steps=t.eval_steps if eval_on else None,
-        save_strategy="no",  # checkpoints are Ray Train's (reported to storage), not the Trainer's local dirs
+        # The Trainer writes checkpoint-N locally; RayCheckpointCallback reports it to Ray Train storage.
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or None,
+        save_total_limit=1,
         seed=t.seed,
         report_to=[r for r in t.report_to if r != "none"] or "none",
         deepspeed=ds,
@@ -89,6 +94,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from raysft.storage import files
     from raysft.train import model as models
     from raysft.train.deepspeed import patch_accelerate_for_cpu_deepspeed
+    from raysft.train import checkpoint as ckpts
+    from raysft.train.checkpoint import RayCheckpointCallback
     from raysft.train.metrics import MetricsCallback, SampleCallback
     from raysft.train.trainer import RaySFTTrainer, ShardBatches
 
@@ -117,7 +124,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # ---------------------------------------------------------------- model
     # The SFTConfig goes first: with ZeRO-3 it registers the DeepSpeed config that makes
     # from_pretrained / from_config build the model already partitioned (zero3_init).
-    args = build_sft_args(cfg, output_dir=scratch, max_steps=lc.max_steps, has_eval=lc.has_eval, bf16=accel.bf16, rank=rank)
+    args = build_sft_args(cfg, output_dir=scratch, max_steps=lc.max_steps, has_eval=lc.has_eval, bf16=accel.bf16, rank=rank,
+                          save_steps=lc.save_steps)
     tokenizer = models.load_tokenizer(cfg.model)
     net = models.build_model(cfg.model, accel, peft=cfg.peft, seed=cfg.trainer.seed)
 
@@ -135,7 +143,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     trainer = RaySFTTrainer(
         model=net, args=args, train_dataset=placeholder, eval_dataset=placeholder if lc.has_eval else None,
         processing_class=tokenizer, peft_config=models.lora_config(cfg.peft) if cfg.peft.enabled else None,
-        callbacks=[metrics, samples], train_batches=train_batches, eval_batches=eval_batches,
+        callbacks=[metrics, samples, RayCheckpointCallback(rank, world, lambda st: {
+            "global_step": st.global_step, "num_tokens": trainer._total_train_tokens})],
+        train_batches=train_batches, eval_batches=eval_batches,
         source_names=lc.source_names,
     )
     if rank == 0 and cfg.peft.enabled:
@@ -143,7 +153,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         log.info("PEFT %s: trainable params %s / %s (%.2f%%)", cfg.peft.method, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
     # ---------------------------------------------------------------- train
-    result = trainer.train()
+    resume_dir = _restore(scratch)
+    if resume_dir:
+        restored = ckpts.read_state(resume_dir)
+        # TRL counts tokens from 0 in every process; continue the count where the checkpoint left it.
+        trainer._total_train_tokens = metrics.resume_tokens = restored.get("num_tokens", 0)
+        log.info("resuming from step %s (%s)", restored.get("global_step"), resume_dir)
+    result = trainer.train(resume_from_checkpoint=resume_dir)
     final_eval = trainer.evaluate() if lc.has_eval else {}
 
     # ---------------------------------------------------------------- save
@@ -166,6 +182,25 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         "global_step": trainer.state.global_step, "wrapped_model": type(trainer.model_wrapped).__name__,
         "attn_implementation": accel.attn_implementation,
     }).encode())
+
+
+def _restore(scratch: str) -> str | None:
+    """The latest complete checkpoint Ray Train hands this run (after a restart or a re-run under
+    the same name), downloaded and verified; None on a fresh start."""
+    import ray.train
+
+    from raysft.train import checkpoint as ckpts
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    local = os.path.join(scratch, "resume")
+    ckpt.to_directory(local)
+    ok, why = ckpts.verify(local)
+    if not ok:
+        raise RuntimeError(f"checkpoint {ckpt.path} is incomplete ({why}); it cannot be resumed from. "
+                           "Delete it from storage to resume from the previous one.")
+    return local
 
 
 def _quiet_ray_reports() -> None:
