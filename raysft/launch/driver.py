@@ -24,7 +24,9 @@ log = logging.getLogger("raysft")
 EVAL_MATERIALIZE_MAX_TOKENS = 200_000_000  # ~2.4 GB of packed int32/int16 columns
 # Keys whose string values are secrets (hub_token, wandb api_key, aws_secret_access_key, ...);
 # "max_new_tokens" or "average_tokens_across_devices" are not.
-SECRET_KEY = re.compile(r"(token|secret|password|passwd|api_key|access_key|credentials?)$", re.IGNORECASE)
+# Tokenizer special tokens (data.eos_token, pad_token, ...) are not secrets either.
+SECRET_KEY = re.compile(r"(?<!eos_)(?<!bos_)(?<!pad_)(?<!unk_)(?<!sep_)(?<!cls_)(?<!mask_)"
+                        r"(token|secret|password|passwd|api_key|access_key|credentials?)$", re.IGNORECASE)
 
 
 @dataclass
