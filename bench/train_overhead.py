@@ -57,6 +57,7 @@ def plain_trl(cfg, rows: list[dict], steps: int) -> list[float]:
             times.append(time.perf_counter())
 
     out = tempfile.mkdtemp()
+    cfg.trainer.trl_overrides = {"ddp_backend": None}  # one process: no process group to join
     args = build_sft_args(cfg, output_dir=out, max_steps=steps, has_eval=False, bf16=False, rank=0)
     args.use_cpu, args.report_to = True, []
     placeholder = datasets.IterableDataset.from_generator(lambda: iter([{"input_ids": [0], "labels": [0]}]))
