@@ -87,3 +87,24 @@ def test_a_kv_cache_breaks_packing_and_the_check_catches_it(tiny):
         alone = tiny(input_ids=seqs[1][None], use_cache=False).logits[0]
     diff = (cached[37:157] - alone).abs().max().item()
     assert diff > 1e-3
+
+
+def test_qlora_loads_4bit_and_steps_on_cpu_as_a_smoke_test(tmp_path, tiny):
+    """QLoRA on CPU only as a smoke test: the base loads as 4-bit nf4 through bitsandbytes and a LoRA
+    step runs. (bitsandbytes' CPU backward is not trustworthy; QLoRA is for GPUs, see README.)"""
+    pytest.importorskip("bitsandbytes")
+    from peft import get_peft_model
+
+    tiny.save_pretrained(tmp_path / "base")
+    cfg = compose("peft=qlora", f"model.name_or_path={tmp_path / 'base'}", "model.init=pretrained",
+                  "model.tokenizer=bundled:smollm3")
+    net = models.build_model(cfg.model, models.resolve_accel(cfg.model, bf16=False), peft=cfg.peft)
+    assert any(type(m).__name__ == "Linear4bit" for m in net.modules())
+    net = get_peft_model(net, models.lora_config(cfg.peft))
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    net.train()
+    ids = torch.randint(0, 128000, (1, 64))
+    loss = net(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
