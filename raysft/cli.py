@@ -104,7 +104,6 @@ def compose(overrides: list[str], *, config_dir: str | None = None, config_name:
     ``best.yaml``); the groups in ``conf/`` stay on the search path."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.singleton import Singleton
 

@@ -60,6 +60,13 @@ def test_sweep_is_off_by_default_and_fields_override():
     assert set(cfg.sweep.space) == {"trainer.learning_rate", "data.dataset_mixture.datasets.1.weight"}
 
 
+def test_a_group_can_be_swept_too():
+    cfg = compose("sweep=lr", "+sweep.space={peft:{type:choice,values:[none,lora]}}")
+    sweeps.check_space(cfg.sweep, [], config_dir=None, config_name="config")
+    trial = cli_compose(sweeps.trial_overrides({"trainer.learning_rate": 1e-3, "peft": "lora"}))
+    assert trial.peft.enabled and trial.peft.r == 16 and trial.trainer.learning_rate == 1e-3
+
+
 def test_a_space_key_that_is_no_config_key_fails_before_ray():
     with pytest.raises(sweeps.SweepConfigError, match="Valid keys there: .*learning_rate"):
         sweeps.run(["sweep=lr", "+sweep.space={trainer.lr:{type:uniform,low:0.1,high:0.2}}"])
@@ -135,39 +142,7 @@ def test_best_files_reload_through_compose_and_the_cli(tmp_path, capsys):
     assert printed["trainer"]["learning_rate"] == 3e-3
 
 
-# ----------------------------------------------------------------------------- sweeps on Ray
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_asha_stops_the_trailing_trial_and_the_best_config_reproduces_it(ray_cluster, tmp_path):
-    """4 trials (grid over learning rates, 1e-7 the hopeless one) of 6 steps, ASHA on the per-step loss."""
-    overrides = [f"storage.path={tmp_path}", "sweep=lr", "sweep.name=asha", _grid(3e-3, 1e-2, 1e-3, 1e-7),
-                 "sweep.metric=loss", "sweep.num_samples=1", "sweep.scheduler.grace_period=1",
-                 "sweep.scheduler.reduction_factor=2", "trainer.max_steps=6", *TINY]
-    result = sweeps.run(overrides)
-    sweep_dir = tmp_path / "asha"
-
-    rows = {float(r["trainer.learning_rate"]): r for r in _rows(sweep_dir)}
-    assert sorted(rows) == [1e-7, 1e-3, 3e-3, 1e-2]
-    assert rows[1e-7]["status"] == "stopped early" and int(rows[1e-7]["steps"]) < 6, rows[1e-7]
-    assert any(r["status"] == "done" and int(r["steps"]) == 6 for r in rows.values())
-    for r in rows.values():  # each trial is a raysft run of its own, next to the sweep
-        assert Path(r["run"]).name == f"asha-trial-{r['trial']}" and (Path(r["run"]) / "metrics.jsonl").exists()
-        assert (Path(r["run"]) / "train_summary.json").exists() == (r["status"] == "done")
-    assert (sweep_dir / "trials.png").stat().st_size > 1000
-
-    best = result.best
-    assert best["status"] == "done" and best["trainer.learning_rate"] != 1e-7
-    assert best["loss"] == min(float(r["loss"]) for r in rows.values() if r["status"] == "done")
-    # The best trial's config, reloaded both ways, is the config that trial ran with.
-    trial_cfg = yaml.safe_load((Path(best["run"]) / "config.yaml").read_text())
-    assert trial_cfg["trainer"]["learning_rate"] == best["trainer.learning_rate"]
-    for cfg in (cli_compose((sweep_dir / "best_overrides.txt").read_text().split()),
-                cli_compose([], config_dir=str(sweep_dir), config_name="best")):
-        plain = to_plain(cfg)
-        plain["storage"]["name"], plain["data"]["date"] = trial_cfg["storage"]["name"], trial_cfg["data"]["date"]
-        assert plain == trial_cfg
+# ----------------------------------------------------------------------------- a sweep on Ray
 
 
 class InterruptAfterFirstTrial(TuneCallback):
@@ -183,25 +158,50 @@ class InterruptAfterFirstTrial(TuneCallback):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):
-    overrides = [f"storage.path={tmp_path}", "sweep=lr", "sweep.name=resume", _grid(3e-3, 1e-3), "sweep.metric=loss",
-                 "sweep.scheduler.type=fifo", "trainer.max_steps=2", *TINY]
+def test_sweep_early_stops_resumes_after_an_interruption_and_its_best_config_reproduces(ray_cluster, tmp_path):
+    """4 trials of 6 steps (a grid over learning rates, 1e-7 the hopeless one, run last), ASHA on the
+    per-step loss. The sweep is interrupted after its first trial and resumed by the same call.
+    (One sweep for both: each trial is a full raysft run, ~1.5 min on a loaded 2-core box.)"""
+    overrides = [f"storage.path={tmp_path}", "sweep=lr", "sweep.name=asha", _grid(3e-3, 1e-2, 1e-3, 1e-7),
+                 "sweep.metric=loss", "sweep.num_samples=1", "sweep.scheduler.grace_period=1",
+                 "sweep.scheduler.reduction_factor=2", "trainer.max_steps=6", *TINY]
+    sweep_dir = tmp_path / "asha"
+
+    # Interrupted (Ctrl-C) once the first trial has finished.
     sweeps.run(overrides, callbacks=[InterruptAfterFirstTrial()])
-    sweep_dir = tmp_path / "resume"
-    first = _rows(sweep_dir)
-    done = [r for r in first if r["status"] == "done"]
-    assert len(done) == 1 and len(first) <= 2, first
-    metrics = Path(done[0]["run"]) / "metrics.jsonl"
+    (first,) = [r for r in _rows(sweep_dir) if r["status"] == "done"]
+    assert float(first["trainer.learning_rate"]) == 3e-3 and int(first["steps"]) == 6
+    assert len(list(tmp_path.glob("asha-trial-*"))) <= 2  # at most the next trial had started
+    metrics = Path(first["run"]) / "metrics.jsonl"
     before = (metrics.read_bytes(), metrics.stat().st_mtime_ns)
 
-    # Same command again: Tune restores the sweep and runs only what had not finished.
+    # The same call again resumes the sweep: the finished trial is not run again.
     result = sweeps.run(overrides)
-    assert [r["status"] for r in result.trials] == ["done", "done"]
-    assert {r["trainer.learning_rate"] for r in result.trials} == {3e-3, 1e-3}
-    assert (metrics.read_bytes(), metrics.stat().st_mtime_ns) == before  # the finished trial did not run again
-    assert len([p for p in tmp_path.iterdir() if p.name.startswith("resume-trial-")]) == 2
-    assert json.loads((sweep_dir / sweeps.SPEC_FILE).read_text())["base_overrides"][-1] == TINY[-1]
+    assert (metrics.read_bytes(), metrics.stat().st_mtime_ns) == before
+    assert len(list(tmp_path.glob("asha-trial-*"))) == 4
 
-    # A different sweep under the same name is refused rather than mixed in.
+    rows = {float(r["trainer.learning_rate"]): r for r in _rows(sweep_dir)}
+    assert sorted(rows) == [1e-7, 1e-3, 3e-3, 1e-2]
+    assert rows[1e-7]["status"] == "stopped early" and int(rows[1e-7]["steps"]) < 6, rows[1e-7]
+    for r in rows.values():  # each trial is a raysft run of its own, next to the sweep
+        assert Path(r["run"]).name == f"asha-trial-{r['trial']}" and (Path(r["run"]) / "metrics.jsonl").exists()
+        assert (Path(r["run"]) / "train_summary.json").exists() == (r["status"] == "done")
+        assert r["status"] in ("done", "stopped early") and (r["status"] == "done") == (int(r["steps"]) == 6)
+    assert (sweep_dir / "trials.png").stat().st_size > 1000
+
+    best = result.best
+    assert best["status"] == "done" and best["trainer.learning_rate"] != 1e-7
+    assert best["loss"] == min(float(r["loss"]) for r in rows.values() if r["status"] == "done")
+    # The best trial's config, reloaded both ways, is the config that trial ran with.
+    trial_cfg = yaml.safe_load((Path(best["run"]) / "config.yaml").read_text())
+    assert trial_cfg["trainer"]["learning_rate"] == best["trainer.learning_rate"]
+    for cfg in (cli_compose((sweep_dir / "best_overrides.txt").read_text().split()),
+                cli_compose([], config_dir=str(sweep_dir), config_name="best")):
+        plain = to_plain(cfg)
+        plain["storage"]["name"], plain["data"]["date"] = trial_cfg["storage"]["name"], trial_cfg["data"]["date"]
+        assert plain == trial_cfg
+
+    # Another sweep under the same name is refused rather than mixed into this one.
+    assert json.loads((sweep_dir / sweeps.SPEC_FILE).read_text())["base_overrides"][-1] == TINY[-1]
     with pytest.raises(sweeps.SweepConfigError, match="already exists"):
         sweeps.run([*overrides, "trainer.max_steps=3"])
