@@ -23,7 +23,8 @@ def ray_cluster():
     import ray.data
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, object_store_memory=512 << 20,
+        # The dashboard's State API keeps Ray Train's PlacementGroupCleaner from removing live runs.
+        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=512 << 20,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray

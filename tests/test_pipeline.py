@@ -504,5 +504,5 @@ def test_bad_rows_abort_with_a_data_quality_error(runs, specs, ray_cluster):
     assert "source 'bad_rows.jsonl': 23 of 28 selected rows are malformed" in msg
     assert "data.max_bad_fraction=0.01" in msg
     assert "bad_kwargs: 5" in msg and "invalid_json: 1" in msg and "duplicate_id: 2" in msg
-    assert f"e.g. {BAD_ROWS} row 2, field messages:" in msg
+    assert f"e.g. {BAD_ROWS} line 3, field messages:" in msg
     assert "Traceback" not in msg

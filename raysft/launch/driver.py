@@ -37,7 +37,7 @@ class RunResult:
     metrics: dict[str, Any]
 
 
-def init_ray(cfg: RaySFTConfig, dashboard: bool = False) -> None:
+def init_ray(cfg: RaySFTConfig, dashboard: bool = True) -> None:
     """Connect to a cluster (``scaling.address`` or ``RAY_ADDRESS``) or start Ray in-process
     (with the dashboard if ``dashboard``: sweeps need its State API to free stopped trials' workers)."""
     import ray
@@ -53,7 +53,10 @@ def init_ray(cfg: RaySFTConfig, dashboard: bool = False) -> None:
     # Ray schedules by logical CPUs: with exactly as many as the train workers take, Ray Data gets
     # none and the run hangs. Oversubscribe by default (the data tasks use fractional CPUs).
     num_cpus = s.local_num_cpus or int(math.ceil(s.num_workers * s.cpus_per_worker)) + 2
-    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, object_store_memory=512 << 20,
+    # NOTE: the dashboard is on by default: Ray Train V2's PlacementGroupCleaner asks the State API
+    # whether the controller is alive and, when the answer comes back empty (no dashboard, or an
+    # overloaded one), removes the workers' placement group and kills a healthy run (seen here).
+    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", object_store_memory=512 << 20,
              runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}})
 
 
