@@ -141,9 +141,9 @@ class PrepareUnit:
     def __init__(self, spec: DataSpec, mode: str = "rows"):
 
         self.spec, self.mode = spec, mode
-        self.units = {u.index: u for u in spec.unit_plan().units("train")}
-        self.eval_units = {u.index: u for u in spec.unit_plan().units("eval")}
-        self.unit_plan = spec.unit_plan()
+        self.unit_plan = spec.unit_plan()  # built once per actor: in streaming order it sorts the whole plan
+        self.units = {u.index: u for u in self.unit_plan.units("train")}
+        self.eval_units = {u.index: u for u in self.unit_plan.units("eval")}
         data = spec.data
         self.tokenizer = load_fast_tokenizer(spec.tokenizer_path)
         self.renderer = ChatRenderer(self.tokenizer, assets.load_chat_template(data.chat_template),
@@ -195,13 +195,11 @@ class PrepareUnit:
             seq = packing.Sequence(r.input_ids, r.labels, s)
             if len(seq.input_ids) > self.spec.data.max_length and self.strategy != "wrapped":
                 trimmed = packing.truncate_or_drop(seq, self.spec.data.max_length, self.spec.data.overlong)
-                st["truncated" if trimmed is not None else "dropped_too_long"] += 1
-                if trimmed is None:
-                    continue
-                if not (trimmed.labels != -100).any():
+                # A truncation that cut away every trained token is a drop, not a truncation.
+                if trimmed is None or not (trimmed.labels != -100).any():
                     st["dropped_too_long"] += 1
-                    st["truncated"] -= 1
                     continue
+                st["truncated"] += 1
                 seq = trimmed
             st["kept"] += 1
             st["tokens"] += len(seq.input_ids)
