@@ -174,6 +174,11 @@ class TrainerConfig:
     save_steps: float = 0.05
     """Steps between checkpoints, or a fraction of the run when < 1 (as in the recipes)."""
     save_total_limit: int = 1
+    """Checkpoints kept in storage: the newest ones, or the best ones with ``metric_for_best_model``
+    (Ray Train always keeps the latest too, so a run can resume)."""
+    metric_for_best_model: Optional[str] = None
+    """e.g. ``eval_loss``: keep the ``save_total_limit`` best checkpoints by this metric."""
+    greater_is_better: bool = False
     seed: int = 42
     report_to: list[str] = field(default_factory=lambda: ["none"])
     """Trackers: any of ``trackio``, ``wandb``, ``tensorboard``; ``none`` for none."""
@@ -187,6 +192,11 @@ class TrainerConfig:
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"trainer.max_steps must be -1 (derive) or > 0, got {self.max_steps}")
         _check_choice("trainer.save_strategy", self.save_strategy, ("steps", "epoch", "no"))
+        if self.save_total_limit <= 0:
+            raise ValueError(f"trainer.save_total_limit must be > 0, got {self.save_total_limit}")
+        if self.metric_for_best_model and not self.metric_for_best_model.startswith("eval_"):
+            raise ValueError(f"trainer.metric_for_best_model={self.metric_for_best_model!r}: checkpoints are scored "
+                             "by an eval metric (eval_loss, eval_mean_token_accuracy, ...)")
 
 
 # ----------------------------------------------------------------------------- infrastructure
@@ -197,6 +207,12 @@ class ScalingConfig:
     """Maps to ``ray.train.ScalingConfig`` (same names)."""
 
     num_workers: int = 2
+    """Training workers (one per GPU). With ``min_workers`` set, the most an elastic run uses."""
+    min_workers: Optional[int] = None
+    """Elastic training: Ray Train runs with any number of workers in [min_workers, num_workers]
+    and resizes the group (restarting from the latest checkpoint) as nodes come and go. The global
+    batch stays num_workers x batch x accumulation: accumulation is re-derived for the live group.
+    DDP only (ZeRO-3 shards are per rank)."""
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
@@ -222,6 +238,8 @@ class ScalingConfig:
     def validate(self) -> None:
         if self.num_workers <= 0:
             raise ValueError(f"scaling.num_workers must be > 0, got {self.num_workers}")
+        if self.min_workers is not None and not 0 < self.min_workers <= self.num_workers:
+            raise ValueError(f"scaling.min_workers must be in [1, num_workers={self.num_workers}], got {self.min_workers}")
         _check_choice("scaling.placement_strategy", self.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
 
 
@@ -274,6 +292,9 @@ class MonitorConfig:
     sample_every_steps: int = 0
     """0 = only at the end of training."""
     sample_max_new_tokens: int = 32
+    log_batch_hashes: bool = False
+    """Write ``workers/batches_rank<r>.jsonl``: a hash of every micro-batch each worker trained on,
+    by its index in the run (an audit trail: two runs, or a run and its resume, can be compared)."""
     peak_tflops_per_gpu: float = 989.0
     """Peak dense bf16 TFLOP/s of one GPU for the MFU estimate (H100 SXM: 989); logged on GPUs only."""
 
@@ -416,10 +437,20 @@ class RaySFTConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    resume: Optional[str] = None
+    """``latest``: continue the run named ``storage.name`` (or, without a name, the run under
+    ``storage.path`` with the newest checkpoint). A URI (a run folder or one of its ``checkpoint_*``
+    folders, local or s3://): start this run from that checkpoint (weights, optimizer, schedule,
+    step and data position). None: a new run, unless ``storage.name`` names one with checkpoints."""
     stage: str = "custom"
     """Name of the stage preset that set the trainer fields (for run names and model cards)."""
     sweep: Optional[SweepConfig] = None
     """A Ray Tune sweep (``raysft sweep=lr``): when set, ``raysft`` runs the sweep instead of one run."""
+
+    def validate(self) -> None:
+        if self.scaling.min_workers is not None and self.deepspeed.enabled:
+            raise ValueError("scaling.min_workers (elastic training) needs deepspeed=none: DeepSpeed ZeRO checkpoints "
+                             "are sharded per rank and cannot be resumed by a group of another size")
 
 
 # ----------------------------------------------------------------------------- helpers

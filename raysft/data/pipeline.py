@@ -31,7 +31,7 @@ from raysft.data.validate import ColumnMap, DuplicateFilter, RowError, detect_fo
 
 log = logging.getLogger(__name__)
 
-PACKED_COLUMNS = ("input_ids", "labels", "position_ids", "source_ids")
+PACKED_COLUMNS = ("input_ids", "labels", "position_ids", "source_ids", "unit")
 MAX_EXAMPLES = 3  # bad-row examples kept per source and reason
 
 
@@ -156,14 +156,18 @@ class PrepareUnit:
         self.formats: dict[int, str] = {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
-        for split, index in zip(batch["split"], batch["unit"]):
+        skips = batch["skip"] if "skip" in batch else np.zeros(len(batch["unit"]), dtype=np.int64)
+        for split, index, skip in zip(batch["split"], batch["unit"], skips):
             unit = (self.eval_units if split == "eval" else self.units)[int(index)]
             columns, stats = self.prepare(unit)
             if self.mode == "stats":
                 yield {"unit": np.array([unit.index]), "split": np.array([unit.split]),
                        "stats": np.array([json.dumps(stats)])}
-            elif len(columns["input_ids"]):
-                yield {k: columns[k] for k in PACKED_COLUMNS}
+                continue
+            n = len(columns["input_ids"])
+            columns["unit"] = np.full(n, unit.index, dtype=np.int32)  # the stream cursor counts rows per unit
+            if n > skip:  # a resumed stream starts `skip` rows into its first unit
+                yield {k: columns[k][int(skip):] for k in PACKED_COLUMNS}
 
     def prepare(self, unit: Unit) -> tuple[dict[str, Any], dict[str, Any]]:
         return self.pack_unit(unit, *self.read_unit(unit))
@@ -257,9 +261,12 @@ class PrepareUnit:
 
 
 def build_dataset(spec: DataSpec, split: str = "train", mode: str = "rows", *, data_cpus: float = 0.5,
-                  concurrency: int = 1):
+                  concurrency: int = 1, start_unit: int = 0, skip_rows: int = 0):
     """A lazily executed Ray Dataset of packed rows (or per-unit stats) for ``split``
-    (``"train"``, ``"eval"``, or ``"all"`` = both, for the stats pass)."""
+    (``"train"``, ``"eval"``, or ``"all"`` = both, for the stats pass).
+
+    ``start_unit``/``skip_rows``: begin the stream at that unit, without its first ``skip_rows``
+    packed rows (a resumed run's data cursor); the rows after it are the same as in a full pass."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -267,9 +274,10 @@ def build_dataset(spec: DataSpec, split: str = "train", mode: str = "rows", *, d
     ctx.enable_progress_bars = False
     plan = spec.unit_plan()
     units = [u for s in (("train", "eval") if split == "all" else (split,)) for u in plan.units(s)]
+    units = [u for u in units if u.index >= start_unit]
     if not units:
         return None
-    items = [{"unit": u.index, "split": u.split} for u in units]
+    items = [{"unit": u.index, "split": u.split, "skip": skip_rows if u.index == start_unit else 0} for u in units]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.map_batches(PrepareUnit, fn_constructor_kwargs={"spec": spec, "mode": mode}, batch_size=1,
                           num_cpus=data_cpus, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=concurrency))

@@ -128,18 +128,28 @@ def print_data_summary(stats: DataStats) -> None:
 def run(cfg: RaySFTConfig, callbacks: list | None = None) -> RunResult:
     """One training run. ``callbacks``: extra Ray Train callbacks for the TorchTrainer's RunConfig
     (a sweep trial passes the one that reports to Ray Tune)."""
+    import ray
     import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from raysft.train.worker import LoopConfig, train_loop
 
+    from raysft.data.stream import RowDealer
+    from raysft.train import checkpoint as ckpts
+
     if cfg.model.init == "pretrained":
         models.check_available(cfg.model)  # fail before Ray starts
-    init_ray(cfg)
-    name = run_name(cfg)
+    name, init_checkpoint = resolve_resume(cfg)
     run_uri = run_uri_of(cfg, name)
     print(f"raysft: run {name} -> {run_uri}", flush=True)
+    resume_from = ckpts.latest_complete(run_uri) or (ckpts.inspect(init_checkpoint) if init_checkpoint else None)
+    if resume_from:
+        from raysft.train.worker import check_world_size
+
+        check_world_size(resume_from.world_size, cfg.scaling.num_workers, cfg, resume_from.uri)  # fail before Ray starts
+        print(f"raysft: resuming from step {resume_from.step} ({resume_from.uri})", flush=True)
+    init_ray(cfg)
 
     spec, stats = prepare_data(cfg)
     print_data_summary(stats)
@@ -153,7 +163,10 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None) -> RunResult:
     files.write_bytes(files.join(run_uri, "data_stats.json"), json.dumps(stats.to_json(), indent=1).encode())
 
     data_kw = dict(data_cpus=cfg.scaling.data_cpus_per_task, concurrency=cfg.scaling.data_concurrency)
-    datasets = {"train": build_dataset(spec, "train", **data_kw)}
+    # The train rows are dealt by one actor in a fixed global order (exact resume, see data/stream.py);
+    # the eval split goes through Ray Train's own split (its order does not matter).
+    dealer = ray.remote(RowDealer).options(num_cpus=0, max_concurrency=cfg.scaling.num_workers + 4).remote(spec, **data_kw)
+    datasets = {}
     has_eval = stats.eval_packed_rows >= cfg.scaling.num_workers
     if has_eval:
         eval_ds = build_dataset(spec, "eval", **data_kw)
@@ -163,7 +176,8 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None) -> RunResult:
             eval_ds = eval_ds.materialize()
         datasets["eval"] = eval_ds
     loop = LoopConfig(cfg=to_plain(cfg), run_uri=run_uri, max_steps=max_steps, source_names=spec.source_names,
-                      has_eval=has_eval, save_steps=save_steps_for(cfg, max_steps))
+                      has_eval=has_eval, dealer=dealer, save_steps=save_steps_for(cfg, max_steps),
+                      init_checkpoint=init_checkpoint)
     storage_path, _ = run_uri.rsplit("/", 1)
     # Ray Train stores through the same pyarrow filesystem as our own files (S3 endpoint included).
     storage_fs, storage_path = files.filesystem(storage_path) if files.is_remote(storage_path) else (None, storage_path)
@@ -174,18 +188,74 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None) -> RunResult:
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                              worker_runtime_env={"env_vars": files.forwarded_env()}, callbacks=callbacks,
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.save_total_limit)),
+                             checkpoint_config=checkpoint_config(cfg)),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split="all"),
     )
     started = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        ray.kill(dealer)
+    kept = {c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in (result.best_checkpoints or [])}
+    if result.checkpoint:
+        kept.add(result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
+    for uri in ckpts.prune(run_uri, kept):
+        print(f"raysft: removed checkpoint {uri} (not kept by Ray Train: an orphan or an incomplete upload)", flush=True)
     summary = report.summarize(run_uri, time.perf_counter() - started)
     print(f"raysft: {summary['steps']} steps, {summary['tokens']:,.0f} tokens in {summary['wall_time_s']:.0f} s "
           f"({summary['tokens_per_s']} tokens/s); train loss {summary['first_train_loss']} -> "
           f"{summary['final_train_loss']}, eval loss {summary['final_eval_loss']}", flush=True)
     print(f"raysft: done. Run directory: {run_uri}", flush=True)
     return RunResult(run_uri, max_steps, stats, dict(result.metrics or {}))
+
+
+def resolve_resume(cfg: RaySFTConfig) -> tuple[str, str | None]:
+    """(run name, checkpoint URI to start from) for ``cfg.resume`` (see ``RaySFTConfig.resume``)."""
+    from raysft.train import checkpoint as ckpts
+
+    if cfg.resume is None:
+        return run_name(cfg), None
+    if cfg.resume == "latest":
+        if cfg.storage.name:
+            if ckpts.latest_complete(run_uri_of(cfg, cfg.storage.name)) is None:
+                raise ValueError(f"resume=latest: run {cfg.storage.name!r} under {cfg.storage.path} has no complete "
+                                 "checkpoint to continue from")
+            return cfg.storage.name, None
+        name = latest_run(cfg.storage.path if files.is_remote(cfg.storage.path) else os.path.abspath(cfg.storage.path))
+        if name is None:
+            raise ValueError(f"resume=latest: no run under {cfg.storage.path} has a complete checkpoint")
+        cfg.storage.name = name
+        return name, None
+    return run_name(cfg), ckpts.resolve(cfg.resume if files.is_remote(cfg.resume) else os.path.abspath(cfg.resume)).uri
+
+
+def latest_run(storage_path: str) -> str | None:
+    """The run under ``storage_path`` whose newest checkpoint is the most recent (Ray names
+    checkpoint folders by timestamp), among runs with a complete one."""
+    import pyarrow.fs as pafs
+
+    from raysft.train import checkpoint as ckpts
+
+    fs, path = files.filesystem(storage_path)
+    best: tuple[str, str] | None = None
+    for e in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if e.type != pafs.FileType.Directory:
+            continue
+        done = [c for c in ckpts.scan(files.join(storage_path, e.base_name)) if c.complete]
+        if done and (best is None or done[-1].uri.rsplit("/", 1)[-1] > best[0]):
+            best = (done[-1].uri.rsplit("/", 1)[-1], e.base_name)
+    return best[1] if best else None
+
+
+def checkpoint_config(cfg: RaySFTConfig):
+    from ray.train import CheckpointConfig
+
+    t = cfg.trainer
+    if t.metric_for_best_model:
+        return CheckpointConfig(num_to_keep=t.save_total_limit, checkpoint_score_attribute=t.metric_for_best_model,
+                                checkpoint_score_order="max" if t.greater_is_better else "min")
+    return CheckpointConfig(num_to_keep=t.save_total_limit)
 
 
 def scaling_config(cfg: RaySFTConfig):
@@ -197,5 +267,6 @@ def scaling_config(cfg: RaySFTConfig):
         resources["GPU"] = s.gpus_per_worker
     if s.memory_per_worker_gb:
         resources["memory"] = s.memory_per_worker_gb * (1 << 30)
-    return ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+    workers = (s.min_workers, s.num_workers) if s.min_workers is not None else s.num_workers
+    return ScalingConfig(num_workers=workers, use_gpu=s.use_gpu, resources_per_worker=resources,
                          placement_strategy=s.placement_strategy, accelerator_type=s.accelerator_type)

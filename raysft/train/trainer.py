@@ -1,45 +1,103 @@
-"""TRL's SFTTrainer fed directly from a Ray Data shard, with per-source losses.
+"""TRL's SFTTrainer fed directly from the raysft data stream, with per-source losses.
 
-Why a subclass: handing SFTTrainer a ``datasets.IterableDataset`` built from the Ray shard trains,
+Why a subclass: handing SFTTrainer a ``datasets.IterableDataset`` built from a Ray shard trains,
 but accelerate re-shards the already-sharded stream and each worker silently drops about half its
-rows. Here the trainer gets a plain DataLoader over ``iter_torch_batches``: every worker consumes
-exactly the rows of its shard. The rows arrive packed and masked, so nothing is re-tokenised,
+rows. Here the trainer gets a plain DataLoader over the worker's own micro-batches (``TrainStream``):
+every worker consumes exactly the rows dealt to it. The rows arrive packed and masked, so nothing is re-tokenised,
 re-packed or collated (``position_ids`` reach the model untouched).
 """
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 from trl import SFTTrainer
 
 MODEL_COLUMNS = ("input_ids", "labels", "position_ids")
-DTYPES = {"input_ids": torch.long, "labels": torch.long, "position_ids": torch.long, "source_ids": torch.long}
+ROW_COLUMNS = (*MODEL_COLUMNS, "source_ids")
+STALL_HELP = ("the data pipeline is not making progress. On a small machine Ray may have no CPU left for data "
+              "tasks (raise scaling.local_num_cpus, or lower scaling.data_cpus_per_task); on a cluster check that "
+              "CPU nodes can be added. Timeout: scaling.data_timeout_s.")
 
 
 class DataStallError(RuntimeError):
-    """No batch arrived from the Ray Data shard within the timeout: fail loudly instead of hanging."""
+    """No batch arrived from the data pipeline within the timeout: fail loudly instead of hanging."""
 
 
-class ShardBatches(IterableDataset):
-    """Batches of packed rows from a Ray Data shard (a ``DataIterator``), as torch tensors.
+def as_model_batch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    # TRL's padding-free layout: the B packed rows become one row of B*L tokens. The per-sequence
+    # position_ids keep sequences apart (flash-attn varlen / sdpa block mask), and TRL's token
+    # counter (position_ids.size(1)) then counts every token.
+    # np.array copies: arrays from the object store are read-only (zero-copy).
+    return {k: torch.from_numpy(np.array(batch[k], dtype=np.int64)).reshape(1, -1) for k in ROW_COLUMNS if k in batch}
 
-    Every iteration is one pass over the shard; ``rows_consumed`` counts the rows handed out (a
-    test checks each worker consumes exactly its shard). Batches are fetched on a thread so that a
-    pipeline that makes no progress (e.g. Ray left no CPU for data tasks) raises after
-    ``timeout_s`` with a message, instead of hanging the run forever."""
 
-    def __init__(self, shard, batch_size: int, *, drop_last: bool = True, timeout_s: float = 1800.0):
-        self.shard, self.batch_size, self.drop_last, self.timeout_s = shard, batch_size, drop_last, timeout_s
+def batch_digest(batch: dict[str, np.ndarray]) -> str:
+    """A short hash of a micro-batch's tokens, labels and positions (the data audit log)."""
+    h = hashlib.sha1()
+    for c in MODEL_COLUMNS:
+        h.update(np.ascontiguousarray(batch[c], dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+class TrainStream(IterableDataset):
+    """A worker's endless sequence of training micro-batches from the ``RowDealer``
+    (``raysft/data/stream.py``), which deals the global row order round-robin to the ranks.
+
+    Endless, because the step count is fixed up front: the dealer starts another pass when the
+    data end, so every rank takes exactly ``max_steps x GA`` micro-batches and no rank's epoch ends
+    early. The next micro-batch is requested while the current one trains. ``rows_consumed`` counts
+    rows handed to the trainer; ``on_batch(index, batch)`` sees every micro-batch with its index in
+    the whole run (``first_index`` = micro-batches taken before a resume)."""
+
+    def __init__(self, dealer, session: int, rank: int, *, timeout_s: float = 1800.0, first_index: int = 0,
+                 on_batch=None):
+        self.dealer, self.session, self.rank, self.timeout_s = dealer, session, rank, timeout_s
+        self.first_index, self.on_batch = first_index, on_batch
         self.rows_consumed = 0
+        self._k = 0
+        self._next = None
 
-    def _batches(self):
-        it = self.shard.iter_torch_batches(batch_size=self.batch_size, dtypes=DTYPES, drop_last=self.drop_last,
-                                           prefetch_batches=2)
+    def _request(self):
+        ref = self.dealer.next_batch.remote(self.session, self.rank, self._k)
+        self._k += 1
+        return ref
+
+    def __iter__(self):
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        if self._next is None:
+            self._next = self._request()
+        while True:
+            try:
+                batch = ray.get(self._next, timeout=self.timeout_s)
+            except GetTimeoutError:
+                raise DataStallError(f"no training batch for {self.timeout_s:.0f} s: {STALL_HELP}") from None
+            index = self.first_index + self._k - 1
+            self._next = self._request()
+            self.rows_consumed += len(batch["input_ids"])
+            if self.on_batch is not None:
+                self.on_batch(index, batch)
+            yield as_model_batch(batch)
+
+
+class EvalBatches(IterableDataset):
+    """Packed eval rows from a Ray Data shard (order does not matter for a mean loss), fetched on a
+    thread so that a pipeline that makes no progress raises after ``timeout_s`` instead of hanging."""
+
+    def __init__(self, shard, batch_size: int, *, timeout_s: float = 1800.0):
+        self.shard, self.batch_size, self.timeout_s = shard, batch_size, timeout_s
+
+    def __iter__(self):
+        it = self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=False,
+                                     prefetch_batches=2)
         q: queue.Queue = queue.Queue(maxsize=2)
         done = object()
 
@@ -51,33 +109,21 @@ class ShardBatches(IterableDataset):
             except BaseException as e:  # surfaced in the training thread
                 q.put(e)
 
-        threading.Thread(target=pump, daemon=True, name="raysft-shard").start()
+        threading.Thread(target=pump, daemon=True, name="raysft-eval").start()
         while True:
             try:
                 item = q.get(timeout=self.timeout_s)
             except queue.Empty:
-                raise DataStallError(
-                    f"no batch from the Ray Data shard for {self.timeout_s:.0f} s: the data pipeline is not making "
-                    "progress. On a small machine Ray may have no CPU left for data tasks (raise "
-                    "scaling.local_num_cpus, or lower scaling.data_cpus_per_task); on a cluster check that CPU "
-                    "nodes can be added. Timeout: scaling.data_timeout_s.") from None
+                raise DataStallError(f"no eval batch for {self.timeout_s:.0f} s: {STALL_HELP}") from None
             if item is done:
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield item
-
-    def __iter__(self):
-        for batch in self._batches():
-            self.rows_consumed += len(batch["input_ids"])
-            # TRL's padding-free layout: the B packed rows become one row of B*L tokens. The
-            # per-sequence position_ids keep sequences apart (flash-attn varlen / sdpa block mask),
-            # and TRL's token counter (position_ids.size(1)) then counts every token.
-            yield {k: batch[k].reshape(1, -1) for k in (*MODEL_COLUMNS, "source_ids") if k in batch}
+            yield as_model_batch(item)
 
 
 class RaySFTTrainer(SFTTrainer):
-    def __init__(self, *args: Any, train_batches: ShardBatches, eval_batches: ShardBatches | None,
+    def __init__(self, *args: Any, train_batches: TrainStream, eval_batches: EvalBatches | None,
                  source_names: list[str], **kwargs: Any):
         self.train_batches, self.eval_batches = train_batches, eval_batches
         self.source_names = source_names

@@ -23,14 +23,16 @@ class LoopConfig:
     max_steps: int
     source_names: list[str]
     has_eval: bool
+    dealer: Any = None  # the RowDealer actor handle (raysft/data/stream.py): the one non-plain value
     save_steps: float = 0  # 0 = no checkpoints; < 1 = a fraction of max_steps (as the recipes)
+    init_checkpoint: str | None = None  # `resume=<uri>`: start from another run's checkpoint
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
 
 
 def build_sft_args(cfg: RaySFTConfig, *, output_dir: str, max_steps: int, has_eval: bool, bf16: bool, rank: int,
-                   save_steps: float = 0):
+                   save_steps: float = 0, grad_accum: int | None = None):
     """SFTConfig from the curated ``trainer`` group; the data arrive packed, so TRL's own
     preparation (tokenize, pack, collate) is switched off."""
     import torch
@@ -48,7 +50,7 @@ def build_sft_args(cfg: RaySFTConfig, *, output_dir: str, max_steps: int, has_ev
         num_train_epochs=t.num_train_epochs,
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_accumulation_steps=grad_accum or t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
         lr_scheduler_kwargs=dict(t.lr_scheduler_kwargs),
@@ -68,6 +70,8 @@ def build_sft_args(cfg: RaySFTConfig, *, output_dir: str, max_steps: int, has_ev
         save_steps=save_steps or None,
         save_total_limit=1,
         seed=t.seed,
+        # The data stream itself starts at the checkpoint's cursor: the Trainer must not skip batches.
+        ignore_data_skip=True,
         report_to=[r for r in t.report_to if r != "none"] or "none",
         deepspeed=ds,
         # No CUDA: plain DDP needs use_cpu + gloo; DeepSpeed brings its own CPU accelerator (gloo too).
@@ -87,17 +91,34 @@ def build_sft_args(cfg: RaySFTConfig, *, output_dir: str, max_steps: int, has_ev
     return SFTConfig(**kwargs)
 
 
+def grad_accum_for(cfg: RaySFTConfig, world: int) -> int:
+    """Gradient accumulation for a group of ``world`` workers. Fixed runs: the configured value.
+    Elastic runs keep the global batch of ``num_workers`` workers (so the step count and the LR
+    schedule, derived for it, stay right); when ``world`` does not divide it, the nearest value."""
+    t, s = cfg.trainer, cfg.scaling
+    if s.min_workers is None or world == s.num_workers:
+        return t.gradient_accumulation_steps
+    ga = max(1, round(s.num_workers * t.gradient_accumulation_steps / world))
+    if ga * world != s.num_workers * t.gradient_accumulation_steps:
+        log.warning("elastic run on %d of %d workers: gradient accumulation %d gives %d rows per step instead of %d",
+                    world, s.num_workers, ga, ga * world * t.per_device_train_batch_size,
+                    s.num_workers * t.gradient_accumulation_steps * t.per_device_train_batch_size)
+    return ga
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
+    import ray
     import ray.train
     import torch
 
+    from raysft.data.stream import Cursor
     from raysft.storage import files
     from raysft.train import model as models
     from raysft.train.deepspeed import patch_accelerate_for_cpu_deepspeed
     from raysft.train import checkpoint as ckpts
     from raysft.train.checkpoint import RayCheckpointCallback
     from raysft.train.metrics import MetricsCallback, SampleCallback
-    from raysft.train.trainer import RaySFTTrainer, ShardBatches
+    from raysft.train.trainer import EvalBatches, RaySFTTrainer, TrainStream
 
     # ---------------------------------------------------------------- setup
     lc = LoopConfig(**loop_config)
@@ -113,26 +134,42 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     accel = models.resolve_accel(cfg.model, bf16=cfg.trainer.bf16)
     local_run = None if files.is_remote(lc.run_uri) else files.filesystem(lc.run_uri)[1]
     scratch = tempfile.mkdtemp(prefix=f"raysft-rank{rank}-")
+    batch = cfg.trainer.per_device_train_batch_size
+    grad_accum = grad_accum_for(cfg, world)
+
+    # ---------------------------------------------------------------- resume point
+    resume_dir, restored = _restore(lc, cfg, scratch, rank, world)
+    step0 = int(restored.get("global_step", 0))
+    cursor0 = Cursor.from_dict(restored.get("data_cursor"))
 
     # ---------------------------------------------------------------- data
-    batch = cfg.trainer.per_device_train_batch_size
-    timeout = cfg.scaling.data_timeout_s
-    train_batches = ShardBatches(ray.train.get_dataset_shard("train"), batch, timeout_s=timeout)
-    eval_batches = (ShardBatches(ray.train.get_dataset_shard("eval"), batch, drop_last=False, timeout_s=timeout)
+    # Rank 0 (re)starts the dealer at the checkpoint's cursor; the others wait for it.
+    session = ray.get(lc.dealer.start.remote(cursor0.to_dict(), world, batch)) if rank == 0 else None
+    session = _broadcast(session)
+    audit = _batch_audit(cfg, lc.run_uri, local_run, scratch, rank)
+    train_batches = TrainStream(lc.dealer, session, rank, timeout_s=cfg.scaling.data_timeout_s,
+                                first_index=step0 * grad_accum, on_batch=audit.write if audit else None)
+    eval_batches = (EvalBatches(ray.train.get_dataset_shard("eval"), batch, timeout_s=cfg.scaling.data_timeout_s)
                     if lc.has_eval else None)
+
+    def checkpoint_state(st) -> dict[str, Any]:
+        # Every rank took grad_accum micro-batches of `batch` rows per step since the resume point.
+        consumed = cursor0.global_row + (st.global_step - step0) * grad_accum * batch * world
+        return {"global_step": st.global_step, "num_tokens": trainer._total_train_tokens,
+                "data_cursor": ray.get(lc.dealer.cursor_at.remote(session, consumed))}
 
     # ---------------------------------------------------------------- model
     # The SFTConfig goes first: with ZeRO-3 it registers the DeepSpeed config that makes
     # from_pretrained / from_config build the model already partitioned (zero3_init).
     args = build_sft_args(cfg, output_dir=scratch, max_steps=lc.max_steps, has_eval=lc.has_eval, bf16=accel.bf16, rank=rank,
-                          save_steps=lc.save_steps)
+                          save_steps=lc.save_steps, grad_accum=grad_accum)
     tokenizer = models.load_tokenizer(cfg.model)
     net = models.build_model(cfg.model, accel, peft=cfg.peft, seed=cfg.trainer.seed)
 
     # ---------------------------------------------------------------- trainer
     import datasets
 
-    # SFTTrainer insists on a datasets object; the real rows come from the Ray shard (ShardBatches).
+    # SFTTrainer insists on a datasets object; the real rows come from the dealer (TrainStream).
     placeholder = datasets.IterableDataset.from_generator(_placeholder_rows)
     cuda = torch.cuda.is_available()
     metrics = MetricsCallback(os.path.join(local_run, "metrics.jsonl") if local_run else os.path.join(scratch, "metrics.jsonl"),
@@ -140,12 +177,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                               peak_flops_per_device=cfg.monitor.peak_tflops_per_gpu * 1e12 if cuda else None)
     samples = SampleCallback(tokenizer, list(cfg.monitor.sample_prompts), every_steps=cfg.monitor.sample_every_steps,
                              max_new_tokens=cfg.monitor.sample_max_new_tokens, metrics=metrics)
+    best = cfg.trainer.metric_for_best_model
+    saver = RayCheckpointCallback(rank, world, checkpoint_state, score_key=best,
+                                  missing_score=float("-inf") if cfg.trainer.greater_is_better else float("inf"))
     trainer = RaySFTTrainer(
         model=net, args=args, train_dataset=placeholder, eval_dataset=placeholder if lc.has_eval else None,
         processing_class=tokenizer, peft_config=models.lora_config(cfg.peft) if cfg.peft.enabled else None,
-        callbacks=[metrics, samples, RayCheckpointCallback(rank, world, lambda st: {
-            "global_step": st.global_step, "num_tokens": trainer._total_train_tokens})],
-        train_batches=train_batches, eval_batches=eval_batches,
+        callbacks=[metrics, samples, saver], train_batches=train_batches, eval_batches=eval_batches,
         source_names=lc.source_names,
     )
     if rank == 0 and cfg.peft.enabled:
@@ -153,12 +191,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         log.info("PEFT %s: trainable params %s / %s (%.2f%%)", cfg.peft.method, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
     # ---------------------------------------------------------------- train
-    resume_dir = _restore(scratch)
     if resume_dir:
-        restored = ckpts.read_state(resume_dir)
         # TRL counts tokens from 0 in every process; continue the count where the checkpoint left it.
         trainer._total_train_tokens = metrics.resume_tokens = restored.get("num_tokens", 0)
-        log.info("resuming from step %s (%s)", restored.get("global_step"), resume_dir)
+        log.info("resuming from step %d, data position %s (%s)", step0, cursor0, resume_dir)
     result = trainer.train(resume_from_checkpoint=resume_dir)
     final_eval = trainer.evaluate() if lc.has_eval else {}
 
@@ -169,38 +205,107 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         tokenizer.save_pretrained(model_dir)
         summary = {"global_step": trainer.state.global_step, "train_loss_mean": result.training_loss,
                    "train_runtime_s": result.metrics.get("train_runtime"), "num_tokens": trainer._total_train_tokens,
-                   "rows_consumed_rank0": train_batches.rows_consumed, **final_eval}
+                   "rows_consumed_rank0": train_batches.rows_consumed, "resumed_from_step": step0, **final_eval}
         with open(os.path.join(scratch, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         files.upload_dir(model_dir, files.join(lc.run_uri, "model"))
         files.write_bytes(files.join(lc.run_uri, "train_summary.json"), json.dumps(summary, indent=1).encode())
         if not local_run:
             files.write_bytes(files.join(lc.run_uri, "metrics.jsonl"), open(metrics.path, "rb").read())
-    # Per-rank record: what this worker consumed from its shard and how it was wrapped (DDP / DeepSpeed).
+    if audit:
+        audit.finish()
+    # Per-rank record: what this worker consumed and how it was wrapped (DDP / DeepSpeed).
     files.write_bytes(files.join(lc.run_uri, "workers", f"rank_{rank}.json"), json.dumps({
         "rank": rank, "world_size": world, "rows_consumed": train_batches.rows_consumed,
         "global_step": trainer.state.global_step, "wrapped_model": type(trainer.model_wrapped).__name__,
-        "attn_implementation": accel.attn_implementation,
+        "attn_implementation": accel.attn_implementation, "gradient_accumulation_steps": grad_accum,
     }).encode())
 
 
-def _restore(scratch: str) -> str | None:
-    """The latest complete checkpoint Ray Train hands this run (after a restart or a re-run under
-    the same name), downloaded and verified; None on a fresh start."""
-    import ray.train
+def _restore(lc: LoopConfig, cfg: RaySFTConfig, scratch: str, rank: int, world: int) -> tuple[str | None, dict[str, Any]]:
+    """(local checkpoint folder, raysft state) to resume from; (None, {}) on a fresh start.
 
+    Rank 0 chooses, from storage: the newest complete checkpoint of this run (after a restart or a
+    re-run under the same name; newer than Ray's registered one when Ray lost track of an upload),
+    else ``resume=<uri>``'s. Incomplete uploads are deleted. Every rank then fetches and verifies it."""
+    from raysft.storage import files
     from raysft.train import checkpoint as ckpts
 
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return None
-    local = os.path.join(scratch, "resume")
-    ckpt.to_directory(local)
+    chosen = None
+    if rank == 0:
+        ckpts.remove_incomplete(lc.run_uri)
+        latest = ckpts.latest_complete(lc.run_uri)
+        chosen = latest.uri if latest else lc.init_checkpoint
+    chosen = _broadcast(chosen)
+    if chosen is None:
+        return None, {}
+    local = str(files.download_dir(chosen, os.path.join(scratch, "resume")))
     ok, why = ckpts.verify(local)
     if not ok:
-        raise RuntimeError(f"checkpoint {ckpt.path} is incomplete ({why}); it cannot be resumed from. "
+        raise RuntimeError(f"checkpoint {chosen} is incomplete ({why}); it cannot be resumed from. "
                            "Delete it from storage to resume from the previous one.")
-    return local
+    state = ckpts.read_state(local)
+    check_world_size(state.get("world_size"), world, cfg, chosen)
+    return local, state
+
+
+def check_world_size(saved: int | None, world: int, cfg: RaySFTConfig, where: str) -> None:
+    """A checkpoint can continue on another number of workers only without DeepSpeed: ZeRO shards
+    optimizer state (and with stage 3 the weights) per rank. The data cursor is global either way."""
+    if saved is None or saved == world:
+        return
+    if cfg.deepspeed.enabled:
+        raise RuntimeError(
+            f"checkpoint {where} was written by {saved} workers and this run has {world}: DeepSpeed ZeRO-"
+            f"{cfg.deepspeed.stage} keeps optimizer state (and at stage 3 the weights) in per-rank shards, which "
+            f"cannot be re-split. Resume with scaling.num_workers={saved}, or export the checkpoint "
+            "(raysft export) and start a new run from the exported model.")
+    log.warning("resuming a %d-worker checkpoint on %d workers: weights, optimizer and data position carry over "
+                "(the data cursor is global); per-rank RNG states of new ranks start fresh", saved, world)
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's value on every rank (Ray Train has set up the torch process group)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class _BatchAudit:
+    """Appends ``{"micro_batch": i, "hash": ...}`` for every micro-batch a rank trains on."""
+
+    def __init__(self, path: str, upload_to: str | None):
+        from raysft.train.trainer import batch_digest
+
+        self.path, self.upload_to, self.digest = path, upload_to, batch_digest
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.f = open(path, "a")
+
+    def write(self, index: int, batch) -> None:
+        self.f.write(json.dumps({"micro_batch": index, "hash": self.digest(batch), "rows": len(batch["input_ids"])}) + "\n")
+        self.f.flush()
+
+    def finish(self) -> None:
+        from raysft.storage import files
+
+        self.f.close()
+        if self.upload_to:
+            files.write_bytes(self.upload_to, open(self.path, "rb").read())
+
+
+def _batch_audit(cfg: RaySFTConfig, run_uri: str, local_run: str | None, scratch: str, rank: int) -> _BatchAudit | None:
+    from raysft.storage import files
+
+    if not cfg.monitor.log_batch_hashes:
+        return None
+    name = f"batches_rank{rank}.jsonl"
+    if local_run:
+        return _BatchAudit(os.path.join(local_run, "workers", name), None)
+    return _BatchAudit(os.path.join(scratch, name), files.join(run_uri, "workers", name))
 
 
 def _quiet_ray_reports() -> None:
