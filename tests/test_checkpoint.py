@@ -89,7 +89,114 @@ def test_checkpoints_go_to_s3_and_a_rerun_resumes(ray_cluster, s3_bucket):
     # Same name, longer run: Ray Train restores the run and hands the step-4 checkpoint back.
     driver.run(compose(*common, "trainer.max_steps=6"))
     second = [json.loads(line) for line in client.get_object(Bucket=bucket, Key="runs/ck/metrics.jsonl")["Body"].read().decode().splitlines()]
+    keys_after_second = _keys(client, bucket, "runs/ck/")
     steps = [m["global_step"] for m in second if "loss" in m]
     assert steps == [5, 6], steps  # continued, not restarted
     tokens_at_5 = [m["num_tokens"] for m in second if m.get("global_step") == 5 and "num_tokens" in m][0]
     assert tokens_at_5 > tokens_at_4  # the token count continues across the resume
+
+    # A new run started from that run's newest checkpoint (resume=<uri>; Ray Train V2 has no
+    # resume_from_checkpoint): it continues at step 7 under its own name.
+    driver.run(compose(*common[:1], "storage.name=fork", *common[2:], "trainer.max_steps=8", f"resume=s3://{bucket}/runs/ck"))
+    forked = [json.loads(line) for line in client.get_object(Bucket=bucket, Key="runs/fork/metrics.jsonl")["Body"].read().decode().splitlines()]
+    assert [m["global_step"] for m in forked if "loss" in m] == [7, 8]
+    assert _keys(client, bucket, "runs/ck/") == keys_after_second  # the source run is left untouched
+
+
+# ----------------------------------------------------------------------------- storage scan (no Ray)
+
+
+def _fake_checkpoint(root, name: str, step: int, world: int = 2, size: int = 64, world_size_state: int | None = None):
+    """A checkpoint folder as the ranks write it: shards, then each rank's manifest last."""
+    d = root / name
+    d.mkdir(parents=True)
+    for rank in range(world):
+        (d / f"shard_{rank}.pt").write_bytes(os.urandom(size))
+    for rank in range(world):
+        ckpts.write_manifest(d, rank, world, {"global_step": step, "world_size": world_size_state or world,
+                                              "data_cursor": {"pass_": 0, "unit": 0, "offset": step, "global_row": step}})
+    return d
+
+
+def test_s3_scan_resumes_from_the_newest_complete_checkpoint_and_prunes_orphans(s3_bucket, tmp_path):
+    from raysft.storage import files
+
+    client, bucket = s3_bucket
+    run = f"s3://{bucket}/scan/run"
+    for name, step in (("checkpoint_2026-01-01_00-00-02", 2), ("checkpoint_2026-01-01_00-00-04", 4),
+                       ("checkpoint_2026-01-01_00-00-06", 6)):
+        files.upload_dir(_fake_checkpoint(tmp_path, name, step), files.join(run, name))
+    # Step 6's upload was cut short: rank 1's shard never arrived.
+    client.delete_object(Bucket=bucket, Key="scan/run/checkpoint_2026-01-01_00-00-06/shard_1.pt")
+
+    found = {c.step: c for c in ckpts.scan(run)}
+    assert [found[s].complete for s in (2, 4, 6)] == [True, True, False]
+    assert found[6].why == "shard_1.pt missing or truncated"
+    assert ckpts.latest_complete(run).step == 4  # newest complete, even if Ray never registered it
+    assert ckpts.resolve(run).step == 4 and ckpts.resolve(found[2].uri).step == 2
+
+    assert ckpts.remove_incomplete(run) == [found[6].uri]
+    # After a run, what Ray Train does not keep (here: step 4, an orphan) is removed.
+    assert ckpts.prune(run, keep={"checkpoint_2026-01-01_00-00-02"}) == [found[4].uri]
+    assert [c.step for c in ckpts.scan(run)] == [2]
+    with pytest.raises(ValueError, match="neither a complete raysft checkpoint"):
+        ckpts.resolve(f"s3://{bucket}/scan/nothing-here")
+
+
+def test_an_upload_killed_midway_never_looks_complete(s3_bucket, tmp_path):
+    """A real upload process SIGKILLed while objects are arriving: the partial checkpoint is not
+    complete and the previous one stays the latest."""
+    import signal
+
+    from raysft.storage import files
+
+    client, bucket = s3_bucket
+    run = f"s3://{bucket}/killed/run"
+    files.upload_dir(_fake_checkpoint(tmp_path, "checkpoint_a", 2), files.join(run, "checkpoint_a"))
+    big = _fake_checkpoint(tmp_path, "checkpoint_b", 4, world=8, size=24 << 20)  # 8 x 24 MB shards + manifests
+    total = len(list(big.iterdir()))
+    code = f"from raysft.storage import files; files.upload_dir({str(big)!r}, {files.join(run, 'checkpoint_b')!r})"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=os.environ.copy())
+    arrived = 0
+    while proc.poll() is None:
+        arrived = len(_keys(client, bucket, "killed/run/checkpoint_b/"))
+        if arrived:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    arrived = len(_keys(client, bucket, "killed/run/checkpoint_b/"))
+    assert 0 < arrived < total, f"{arrived} of {total} objects: the upload was not cut midway"
+    partial = ckpts.inspect(files.join(run, "checkpoint_b"))
+    assert not partial.complete
+    assert ckpts.latest_complete(run).uri.endswith("checkpoint_a")
+
+
+def test_resume_latest_finds_the_run_with_the_newest_checkpoint(tmp_path):
+    from raysft.launch import driver
+
+    _fake_checkpoint(tmp_path / "old", "checkpoint_2026-01-01_00-00-01", 3)
+    _fake_checkpoint(tmp_path / "new", "checkpoint_2026-01-02_00-00-01", 5)
+    _fake_checkpoint(tmp_path / "new", "checkpoint_2026-01-03_00-00-01", 7)
+    (tmp_path / "new" / "checkpoint_2026-01-03_00-00-01" / ckpts.manifest_name(1)).unlink()  # incomplete
+    _fake_checkpoint(tmp_path / "newest-but-broken", "checkpoint_2026-01-04_00-00-01", 9)
+    (tmp_path / "newest-but-broken" / "checkpoint_2026-01-04_00-00-01" / "shard_0.pt").write_bytes(b"")
+
+    cfg = compose(f"storage.path={tmp_path}", "resume=latest")
+    assert driver.resolve_resume(cfg) == ("new", None) and cfg.storage.name == "new"
+    assert driver.resolve_resume(compose(f"storage.path={tmp_path}", "storage.name=old", "resume=latest")) == ("old", None)
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        driver.resolve_resume(compose(f"storage.path={tmp_path}", "storage.name=missing", "resume=latest"))
+    name, start = driver.resolve_resume(compose(f"storage.path={tmp_path}", "storage.name=fork",
+                                                f"resume={tmp_path / 'new'}"))
+    assert name == "fork" and start.endswith("new/checkpoint_2026-01-02_00-00-01")
+    with pytest.raises(ValueError, match="neither a complete raysft checkpoint"):
+        driver.resolve_resume(compose(f"storage.path={tmp_path}", f"resume={tmp_path / 'newest-but-broken'}"))
+
+
+def test_zero3_checkpoint_on_another_world_size_fails_before_ray_starts(tmp_path):
+    from raysft.launch import driver
+
+    _fake_checkpoint(tmp_path / "z3", "checkpoint_2026-01-01_00-00-01", 4, world=2)
+    with pytest.raises(RuntimeError, match="written by 2 workers and this run has 1: DeepSpeed ZeRO-3"):
+        driver.run(compose(f"storage.path={tmp_path}", "storage.name=z3", "deepspeed=zero3", "scaling.num_workers=1"))

@@ -164,9 +164,7 @@ class PrepareUnit:
                 yield {"unit": np.array([unit.index]), "split": np.array([unit.split]),
                        "stats": np.array([json.dumps(stats)])}
                 continue
-            n = len(columns["input_ids"])
-            columns["unit"] = np.full(n, unit.index, dtype=np.int32)  # the stream cursor counts rows per unit
-            if n > skip:  # a resumed stream starts `skip` rows into its first unit
+            if len(columns["input_ids"]) > skip:  # a resumed stream starts `skip` rows into its first unit
                 yield {k: columns[k][int(skip):] for k in PACKED_COLUMNS}
 
     def prepare(self, unit: Unit) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -212,6 +210,7 @@ class PrepareUnit:
 
         columns = packing.pack(seqs, self.spec.data.max_length, self.strategy, self.pad_id)
         n_rows = len(columns["input_ids"])
+        columns["unit"] = np.full(n_rows, unit.index, dtype=np.int32)  # the stream cursor counts rows per unit
         stats = {"unit": unit.index, "split": unit.split, "epoch": unit.epoch, "sources": per_source,
                  "packed_rows": n_rows, "packed_tokens": int(np.sum(columns["num_tokens"])) if n_rows else 0}
         return columns, stats

@@ -73,6 +73,7 @@ def download_dir(uri: str, local_dir: str | Path | None = None) -> Path:
     if not is_remote(uri):
         return Path(filesystem(uri)[1])
     local = Path(local_dir or tempfile.mkdtemp(prefix="raysft-"))
+    local.mkdir(parents=True, exist_ok=True)  # pyarrow's copy_files does not create the destination
     fs, path = filesystem(uri)
     pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return local
