@@ -303,18 +303,48 @@ def _submit(head: Head, *overrides: str, submission_id: str) -> subprocess.Compl
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_submit_trains_on_a_job_server(job_server, tmp_path):
+def test_job_stop_leaves_a_resumable_checkpoint_and_a_resubmit_continues(job_server, tmp_path):
+    """Submit a long run, `ray job stop` it once a checkpoint is in storage, re-submit under the same
+    storage.name: the run continues from that checkpoint (logs streamed, overrides intact, exit 0)."""
+    from raysft.train import checkpoint as ckpts
+
+    run_dir = tmp_path / "runs" / "on-cluster"
+    common = ["trainer.eval_steps=null", "trainer.save_strategy=steps", "trainer.save_steps=2",
+              f"storage.path={tmp_path}/runs", "storage.name=on-cluster"]
+    job_id = f"raysft-test-stop-{os.getpid()}"
+    p = subprocess.run([str(SUBMIT), "--address", job_server.dashboard_url, "--submission-id", job_id, "--no-wait", "--",
+                        "trainer.max_steps=200", "monitor.sample_prompts=[]", *common],
+                       env=job_server.env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    deadline = time.time() + 900
+    while time.time() < deadline and not (run_dir.exists() and ckpts.latest_complete(str(run_dir))):
+        time.sleep(1)
+    assert ckpts.latest_complete(str(run_dir)), "no checkpoint within 15 min"
+    stop = subprocess.run(["ray", "job", "stop", job_id, "--address", job_server.dashboard_url],
+                          env=job_server.env, capture_output=True, text=True, timeout=300)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    status = subprocess.run(["ray", "job", "status", job_id, "--address", job_server.dashboard_url],
+                            env=job_server.env, capture_output=True, text=True, timeout=120)
+    assert "was stopped" in status.stdout + status.stderr
+    saved = ckpts.latest_complete(str(run_dir))
+    # The data cursor: every step took 2 workers x 1 row x 1 accumulation step.
+    assert saved.step >= 2 and saved.state["data_cursor"]["global_row"] == saved.step * 2
+
     prompt = "What's 2 + 2?"
-    p = _submit(job_server, "trainer.max_steps=3", "trainer.eval_steps=null", f'monitor.sample_prompts=["{prompt}"]',
-                "monitor.sample_max_new_tokens=4", f"storage.path={tmp_path}/runs", "storage.name=on-cluster",
-                submission_id=f"raysft-test-ok-{os.getpid()}")
+    target = saved.step + 2
+    p = _submit(job_server, f"trainer.max_steps={target}", f'monitor.sample_prompts=["{prompt}"]',
+                "monitor.sample_max_new_tokens=4", *common, submission_id=f"raysft-test-resume-{os.getpid()}")
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-6000:]
-    assert "step 3/3" in out, out[-6000:]  # progress lines streamed back from the workers
+    assert f"raysft: resuming from step {saved.step}" in out, out[-6000:]
+    assert f"step {target}/{target}" in out, out[-6000:]  # progress lines streamed back from the workers
     assert "raysft: done." in out
-    cfg = yaml.safe_load((tmp_path / "runs" / "on-cluster" / "config.yaml").read_text())
+    steps = [json.loads(x)["global_step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps[-2:] == [saved.step + 1, target]
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["monitor"]["sample_prompts"] == [prompt]  # spaces, quote and '?' intact
-    assert cfg["trainer"]["max_steps"] == 3 and cfg["trainer"]["eval_steps"] is None
+    assert cfg["trainer"]["max_steps"] == target and cfg["trainer"]["eval_steps"] is None
 
 
 @pytest.mark.ray
