@@ -36,7 +36,10 @@ def plain_trl(cfg, rows: list[dict], steps: int) -> list[float]:
     from transformers import TrainerCallback
 
     from raysft.train import model as models
-    from raysft.train.trainer import RaySFTTrainer, ShardBatches
+    import numpy as np
+    from torch.utils.data import IterableDataset
+
+    from raysft.train.trainer import RaySFTTrainer, as_model_batch
     from raysft.train.worker import build_sft_args
 
     torch.set_num_threads(1)
@@ -44,11 +47,15 @@ def plain_trl(cfg, rows: list[dict], steps: int) -> list[float]:
     net = models.build_model(cfg.model, accel, seed=cfg.trainer.seed)
     tok = models.load_tokenizer(cfg.model)
 
-    class ListShard:  # the same batches raysft's worker would see, from memory instead of Ray
-        def iter_torch_batches(self, batch_size, dtypes, drop_last, prefetch_batches):
-            for i in range(0, len(rows) - batch_size + 1, batch_size):
-                chunk = rows[i:i + batch_size]
-                yield {k: torch.tensor([r[k] for r in chunk], dtype=dtypes[k]) for k in ("input_ids", "labels", "position_ids", "source_ids")}
+    batch_size = cfg.trainer.per_device_train_batch_size
+
+    class ListBatches(IterableDataset):  # the same micro-batches a raysft worker trains on, from memory
+        def __iter__(self):
+            while True:
+                for i in range(0, len(rows) - batch_size + 1, batch_size):
+                    chunk = rows[i:i + batch_size]
+                    yield as_model_batch({k: np.stack([np.asarray(r[k]) for r in chunk])
+                                          for k in ("input_ids", "labels", "position_ids", "source_ids")})
 
     times: list[float] = []
 
@@ -62,7 +69,7 @@ def plain_trl(cfg, rows: list[dict], steps: int) -> list[float]:
     args.use_cpu, args.report_to = True, []
     placeholder = datasets.IterableDataset.from_generator(lambda: iter([{"input_ids": [0], "labels": [0]}]))
     trainer = RaySFTTrainer(model=net, args=args, train_dataset=placeholder, processing_class=tok, callbacks=[Clock()],
-                            train_batches=ShardBatches(ListShard(), cfg.trainer.per_device_train_batch_size),
+                            train_batches=ListBatches(),
                             eval_batches=None, source_names=["a", "b"])
     trainer.train()
     return times

@@ -213,6 +213,9 @@ class ScalingConfig:
     and resizes the group (restarting from the latest checkpoint) as nodes come and go. The global
     batch stays num_workers x batch x accumulation: accumulation is re-derived for the live group.
     DDP only (ZeRO-3 shards are per rank)."""
+    elastic_resize_interval_s: float = 60.0
+    """Elastic runs: how often Ray Train checks whether more workers fit (then it restarts the group,
+    bigger, from the latest checkpoint)."""
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0

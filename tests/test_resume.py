@@ -27,13 +27,15 @@ COMMON = [f"trainer.max_steps={STEPS}", f"trainer.gradient_accumulation_steps={G
           "trainer.save_steps=2", "trainer.eval_steps=null", "monitor.sample_prompts=[]", "monitor.log_batch_hashes=true"]
 
 
-def _hashes(run_dir: Path, rank: int) -> tuple[dict[int, str], int]:
-    """micro-batch index -> hash (a re-trained micro-batch keeps its last hash), and the line count."""
+def _hashes(run_dir: Path, rank: int) -> tuple[dict[tuple[int, int], list[str]], int]:
+    """(step, micro-batch) -> its rows' hashes (a re-trained micro-batch must hold the same rows),
+    and the line count."""
     lines = [json.loads(x) for x in (run_dir / "workers" / f"batches_rank{rank}.jsonl").read_text().splitlines()]
-    out: dict[int, str] = {}
+    out: dict[tuple[int, int], list[str]] = {}
     for e in lines:
-        assert out.get(e["micro_batch"], e["hash"]) == e["hash"], f"micro-batch {e['micro_batch']} changed on re-training"
-        out[e["micro_batch"]] = e["hash"]
+        key = (e["step"], e["micro"])
+        assert out.get(key, e["rows"]) == e["rows"], f"step {key} trained on other rows when re-trained"
+        out[key] = e["rows"]
     return out, len(lines)
 
 
@@ -96,7 +98,7 @@ def test_sigkill_of_a_worker_resumes_with_exactly_the_same_data(ray_cluster, tmp
     for rank in (0, 1):
         want, _ = _hashes(clean, rank)
         got, lines = _hashes(faulty, rank)
-        assert sorted(want) == list(range(STEPS * GA))
+        assert sorted(want) == [(s, j) for s in range(1, STEPS + 1) for j in range(GA)]
         assert got == want
         assert lines > STEPS * GA  # the steps after the checkpoint really ran twice
 
@@ -110,3 +112,62 @@ def test_sigkill_of_a_worker_resumes_with_exactly_the_same_data(ray_cluster, tmp
         assert m_faulty[step]["learning_rate"] == pytest.approx(m_clean[step]["learning_rate"]), step
         assert m_faulty[step]["num_tokens"] == m_clean[step]["num_tokens"], step
         assert m_faulty[step]["loss"] == pytest.approx(m_clean[step]["loss"], abs=1e-4), step
+
+
+def _global_rows(overrides: list[str]) -> list[str]:
+    """Row hashes of one pass of the training stream, prepared in this process without Ray."""
+    from raysft import assets
+    from raysft.data.pipeline import PrepareUnit, build_spec
+    from raysft.train.trainer import row_digests
+
+    cfg = compose(*overrides)
+    spec = build_spec(cfg.data, assets.resolve("bundled:smollm3"))
+    prep = PrepareUnit(spec)
+    return [d for u in spec.unit_plan().units("train") for d in row_digests(prep.prepare(u)[0])]
+
+
+def test_elastic_run_grows_and_keeps_the_global_data_order(ray_cluster, tmp_path):
+    """scaling.min_workers=1: the run starts on the one worker that fits (an actor holds 2 of the 4
+    CPUs), grows to 2 workers when they are released, and every step trains on the next rows of the
+    same global order, with the same rows per step (accumulation re-derived: 4 -> 2)."""
+    import ray
+
+    @ray.remote(num_cpus=2)
+    class Blocker:
+        def ping(self) -> int:
+            return 1
+
+    blocker = Blocker.remote()
+    ray.get(blocker.ping.remote())
+    run_dir = tmp_path / "elastic"
+    steps = 8
+    overrides = [f"storage.path={tmp_path}", "storage.name=elastic", "scaling.min_workers=1",
+                 "scaling.elastic_resize_interval_s=2", f"trainer.max_steps={steps}", "trainer.gradient_accumulation_steps=2",
+                 "trainer.save_strategy=steps", "trainer.save_steps=2", "trainer.eval_steps=null",
+                 "monitor.sample_prompts=[]", "monitor.log_batch_hashes=true"]
+
+    def release_after_step_3():
+        from raysft.train import checkpoint as ckpts
+
+        while not (run_dir.exists() and any(c.complete and c.step >= 2 for c in ckpts.scan(str(run_dir)))):
+            time.sleep(0.2)
+        ray.kill(blocker)
+
+    releaser = threading.Thread(target=release_after_step_3, daemon=True)
+    releaser.start()
+    driver.run(compose(*overrides))
+
+    audit = [json.loads(x) | {"rank": r} for r in (0, 1) if (run_dir / "workers" / f"batches_rank{r}.jsonl").exists()
+             for x in (run_dir / "workers" / f"batches_rank{r}.jsonl").read_text().splitlines()]
+    first = min(e["session"] for e in audit)
+    assert {e["micro"] for e in audit if e["session"] == first} == {0, 1, 2, 3}  # 1 worker: GA 4
+    assert {e["rank"] for e in audit if e["session"] == first} == {0}
+    final = json.loads((run_dir / "workers" / "rank_1.json").read_text())
+    assert final["world_size"] == 2 and final["gradient_accumulation_steps"] == 2  # grown, GA 2
+
+    # Step s trained on global rows 4(s-1) .. 4s-1, whichever group ran it (its last attempt).
+    order = _global_rows(overrides)
+    for s in range(1, steps + 1):
+        last = max(e["session"] for e in audit if e["step"] == s)
+        got = sorted(d for e in audit if e["step"] == s and e["session"] == last for d in e["rows"])
+        assert got == sorted(order[g % len(order)] for g in range(4 * (s - 1), 4 * s)), s

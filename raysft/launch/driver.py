@@ -267,6 +267,7 @@ def scaling_config(cfg: RaySFTConfig):
         resources["GPU"] = s.gpus_per_worker
     if s.memory_per_worker_gb:
         resources["memory"] = s.memory_per_worker_gb * (1 << 30)
-    workers = (s.min_workers, s.num_workers) if s.min_workers is not None else s.num_workers
-    return ScalingConfig(num_workers=workers, use_gpu=s.use_gpu, resources_per_worker=resources,
+    elastic = {"num_workers": (s.min_workers, s.num_workers), "elastic_resize_monitor_interval_s": s.elastic_resize_interval_s}
+    return ScalingConfig(**(elastic if s.min_workers is not None else {"num_workers": s.num_workers}),
+                         use_gpu=s.use_gpu, resources_per_worker=resources,
                          placement_strategy=s.placement_strategy, accelerator_type=s.accelerator_type)

@@ -62,11 +62,41 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+# pyarrow's copy_files moves 1 MB per request by default; against S3 that is one ranged GET per MB
+# (measured on moto's server: 100 MB in 8.4 s, vs 0.55 s with 64 MB chunks and 1.1 s for boto3).
+# Ray Train uses 64 MB for the same reason.
+CHUNK = 64 << 20
+
+
 def upload_dir(local_dir: str | Path, uri: str) -> None:
     """Copy a local directory tree to ``uri`` (local or remote)."""
+    if uri.startswith("s3://"):
+        return _upload_dir_s3(Path(local_dir), uri)
     fs, path = filesystem(uri)
     fs.create_dir(path, recursive=True)
-    pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    # Multi-threaded uploads to S3 are unsafe in pyarrow (apache/arrow#32372; Ray Train avoids them too).
+    pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs,
+                    chunk_size=CHUNK, use_threads=not isinstance(fs, pafs.S3FileSystem))
+
+
+def _upload_dir_s3(local_dir: Path, uri: str) -> None:
+    """S3 uploads through s3transfer, as ``aws s3 cp --recursive`` does: multipart, several parts in flight.
+
+    NOTE: not pyarrow: its S3 uploads must run single-threaded (see upload_dir), which measured 2.5x
+    slower than this on a 1.2 GB checkpoint (bench/checkpoint.py). Same credentials chain (AWS_*)."""
+    import boto3
+    from boto3.s3.transfer import TransferConfig, create_transfer_manager
+    from botocore.config import Config
+
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
+                          config=Config(max_pool_connections=24))
+    config = TransferConfig(max_concurrency=20)  # 8 MB parts (s3transfer default), 20 in flight
+    with create_transfer_manager(client, config) as manager:
+        futures = [manager.upload(str(p), bucket, "/".join(x for x in (prefix.rstrip("/"), str(p.relative_to(local_dir))) if x))
+                   for p in sorted(local_dir.rglob("*")) if p.is_file()]
+        for f in futures:
+            f.result()
 
 
 def download_dir(uri: str, local_dir: str | Path | None = None) -> Path:
@@ -75,5 +105,5 @@ def download_dir(uri: str, local_dir: str | Path | None = None) -> Path:
     local = Path(local_dir or tempfile.mkdtemp(prefix="raysft-"))
     local.mkdir(parents=True, exist_ok=True)  # pyarrow's copy_files does not create the destination
     fs, path = filesystem(uri)
-    pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem(), chunk_size=CHUNK)
     return local

@@ -168,9 +168,9 @@ class RayCheckpointCallback(TrainerCallback):
     The latest eval metrics travel with the report, so Ray can keep the best checkpoints by
     ``trainer.metric_for_best_model``; ``missing_score`` stands in before the first evaluation."""
 
-    def __init__(self, rank: int, world_size: int, state_fn, *, score_key: str | None = None,
+    def __init__(self, rank: int, world_size: int, state_fn, *, run_uri: str, score_key: str | None = None,
                  missing_score: float = float("inf")):
-        self.rank, self.world_size, self.state_fn = rank, world_size, state_fn
+        self.rank, self.world_size, self.state_fn, self.run_uri = rank, world_size, state_fn, run_uri
         self.score_key, self.missing_score = score_key, missing_score
         self.last_eval: dict[str, float] = {}
 
@@ -187,4 +187,17 @@ class RayCheckpointCallback(TrainerCallback):
         metrics = {"global_step": state.global_step, "checkpoint_step": state.global_step, **self.last_eval}
         if self.score_key:
             metrics.setdefault(self.score_key, self.missing_score)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt)))
+        # ASYNC: training goes on while the upload runs (the stall is the local save); Ray registers the
+        # checkpoint, then deletes the local copy, once the upload is done. A worker dying mid-upload
+        # leaves an incomplete folder that the manifests expose (and `remove_incomplete` deletes).
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt)),
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                         checkpoint_upload_fn=self._upload)
+
+    def _upload(self, checkpoint, checkpoint_dir_name: str):
+        import ray.train
+
+        dest = files.join(self.run_uri, checkpoint_dir_name)
+        files.upload_dir(checkpoint.path, dest)
+        fs, path = files.filesystem(dest)
+        return ray.train.Checkpoint(path=path, filesystem=fs)

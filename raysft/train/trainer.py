@@ -38,12 +38,15 @@ def as_model_batch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.array(batch[k], dtype=np.int64)).reshape(1, -1) for k in ROW_COLUMNS if k in batch}
 
 
-def batch_digest(batch: dict[str, np.ndarray]) -> str:
-    """A short hash of a micro-batch's tokens, labels and positions (the data audit log)."""
-    h = hashlib.sha1()
-    for c in MODEL_COLUMNS:
-        h.update(np.ascontiguousarray(batch[c], dtype=np.int64).tobytes())
-    return h.hexdigest()[:16]
+def row_digests(batch: dict[str, np.ndarray]) -> list[str]:
+    """A short hash of each packed row's tokens, labels and positions (the data audit log)."""
+    out = []
+    for i in range(len(batch["input_ids"])):
+        h = hashlib.sha1()
+        for c in MODEL_COLUMNS:
+            h.update(np.ascontiguousarray(batch[c][i], dtype=np.int64).tobytes())
+        out.append(h.hexdigest()[:16])
+    return out
 
 
 class TrainStream(IterableDataset):
@@ -53,13 +56,13 @@ class TrainStream(IterableDataset):
     Endless, because the step count is fixed up front: the dealer starts another pass when the
     data end, so every rank takes exactly ``max_steps x GA`` micro-batches and no rank's epoch ends
     early. The next micro-batch is requested while the current one trains. ``rows_consumed`` counts
-    rows handed to the trainer; ``on_batch(index, batch)`` sees every micro-batch with its index in
-    the whole run (``first_index`` = micro-batches taken before a resume)."""
+    rows handed to the trainer; ``on_batch(step, micro, batch)`` sees every micro-batch with the
+    optimizer step it belongs to (``first_step`` = steps done before a resume) and its place in it."""
 
-    def __init__(self, dealer, session: int, rank: int, *, timeout_s: float = 1800.0, first_index: int = 0,
-                 on_batch=None):
+    def __init__(self, dealer, session: int, rank: int, *, grad_accum: int, timeout_s: float = 1800.0,
+                 first_step: int = 0, on_batch=None):
         self.dealer, self.session, self.rank, self.timeout_s = dealer, session, rank, timeout_s
-        self.first_index, self.on_batch = first_index, on_batch
+        self.grad_accum, self.first_step, self.on_batch = grad_accum, first_step, on_batch
         self.rows_consumed = 0
         self._k = 0
         self._next = None
@@ -80,11 +83,11 @@ class TrainStream(IterableDataset):
                 batch = ray.get(self._next, timeout=self.timeout_s)
             except GetTimeoutError:
                 raise DataStallError(f"no training batch for {self.timeout_s:.0f} s: {STALL_HELP}") from None
-            index = self.first_index + self._k - 1
+            k = self._k - 1
             self._next = self._request()
             self.rows_consumed += len(batch["input_ids"])
             if self.on_batch is not None:
-                self.on_batch(index, batch)
+                self.on_batch(self.first_step + k // self.grad_accum + 1, k % self.grad_accum, batch)
             yield as_model_batch(batch)
 
 

@@ -68,7 +68,7 @@ def build_sft_args(cfg: RaySFTConfig, *, output_dir: str, max_steps: int, has_ev
         # The Trainer writes checkpoint-N locally; RayCheckpointCallback reports it to Ray Train storage.
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or None,
-        save_total_limit=1,
+        save_total_limit=None,  # Ray Train deletes each local checkpoint once it is uploaded
         seed=t.seed,
         # The data stream itself starts at the checkpoint's cursor: the Trainer must not skip batches.
         ignore_data_skip=True,
@@ -146,9 +146,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # Rank 0 (re)starts the dealer at the checkpoint's cursor; the others wait for it.
     session = ray.get(lc.dealer.start.remote(cursor0.to_dict(), world, batch)) if rank == 0 else None
     session = _broadcast(session)
-    audit = _batch_audit(cfg, lc.run_uri, local_run, scratch, rank)
-    train_batches = TrainStream(lc.dealer, session, rank, timeout_s=cfg.scaling.data_timeout_s,
-                                first_index=step0 * grad_accum, on_batch=audit.write if audit else None)
+    audit = _batch_audit(cfg, lc.run_uri, local_run, scratch, rank, session)
+    train_batches = TrainStream(lc.dealer, session, rank, grad_accum=grad_accum, timeout_s=cfg.scaling.data_timeout_s,
+                                first_step=step0, on_batch=audit.write if audit else None)
     eval_batches = (EvalBatches(ray.train.get_dataset_shard("eval"), batch, timeout_s=cfg.scaling.data_timeout_s)
                     if lc.has_eval else None)
 
@@ -178,7 +178,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     samples = SampleCallback(tokenizer, list(cfg.monitor.sample_prompts), every_steps=cfg.monitor.sample_every_steps,
                              max_new_tokens=cfg.monitor.sample_max_new_tokens, metrics=metrics)
     best = cfg.trainer.metric_for_best_model
-    saver = RayCheckpointCallback(rank, world, checkpoint_state, score_key=best,
+    saver = RayCheckpointCallback(rank, world, checkpoint_state, run_uri=lc.run_uri, score_key=best,
                                   missing_score=float("-inf") if cfg.trainer.greater_is_better else float("inf"))
     trainer = RaySFTTrainer(
         model=net, args=args, train_dataset=placeholder, eval_dataset=placeholder if lc.has_eval else None,
@@ -276,17 +276,18 @@ def _broadcast(obj: Any) -> Any:
 
 
 class _BatchAudit:
-    """Appends ``{"micro_batch": i, "hash": ...}`` for every micro-batch a rank trains on."""
+    """Appends ``{"step": s, "micro": j, "session": n, "rows": [row hashes]}`` for every micro-batch a
+    rank trains on. A resumed run appends the steps it re-trains again, under a higher data session."""
 
-    def __init__(self, path: str, upload_to: str | None):
-        from raysft.train.trainer import batch_digest
+    def __init__(self, path: str, upload_to: str | None, session: int):
+        from raysft.train.trainer import row_digests
 
-        self.path, self.upload_to, self.digest = path, upload_to, batch_digest
+        self.path, self.upload_to, self.digest, self.session = path, upload_to, row_digests, session
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.f = open(path, "a")
 
-    def write(self, index: int, batch) -> None:
-        self.f.write(json.dumps({"micro_batch": index, "hash": self.digest(batch), "rows": len(batch["input_ids"])}) + "\n")
+    def write(self, step: int, micro: int, batch) -> None:
+        self.f.write(json.dumps({"step": step, "micro": micro, "session": self.session, "rows": self.digest(batch)}) + "\n")
         self.f.flush()
 
     def finish(self) -> None:
@@ -297,15 +298,16 @@ class _BatchAudit:
             files.write_bytes(self.upload_to, open(self.path, "rb").read())
 
 
-def _batch_audit(cfg: RaySFTConfig, run_uri: str, local_run: str | None, scratch: str, rank: int) -> _BatchAudit | None:
+def _batch_audit(cfg: RaySFTConfig, run_uri: str, local_run: str | None, scratch: str, rank: int,
+                 session: int) -> _BatchAudit | None:
     from raysft.storage import files
 
     if not cfg.monitor.log_batch_hashes:
         return None
     name = f"batches_rank{rank}.jsonl"
     if local_run:
-        return _BatchAudit(os.path.join(local_run, "workers", name), None)
-    return _BatchAudit(os.path.join(scratch, name), files.join(run_uri, "workers", name))
+        return _BatchAudit(os.path.join(local_run, "workers", name), None, session)
+    return _BatchAudit(os.path.join(scratch, name), files.join(run_uri, "workers", name), session)
 
 
 def _quiet_ray_reports() -> None:
