@@ -70,11 +70,25 @@ def test_free_form_dicts_accept_any_key():
     ("data.dataset_mixture.datasets.0.weight=0", "weight must be > 0"),
     ("data.dataset_mixture.test_split_size=1.5", "test_split_size must be in [0, 1)"),
     ("trainer.per_device_train_batch_size=0", "per_device_train_batch_size must be > 0"),
+    ("trainer.metric_for_best_model=loss", "scored by an eval metric"),
+    ("scaling.min_workers=3", "scaling.min_workers must be in [1, num_workers=2]"),
+    ("+deepspeed=zero3 scaling.min_workers=1", "elastic training) needs deepspeed=none"),
 ])
 def test_bad_values_fail_with_what_to_change(override, message):
     with pytest.raises(ValueError) as e:
-        compose(override)
+        compose(*override.removeprefix("+").split())
     assert message in str(e.value)
+
+
+def test_checkpoint_retention_and_elastic_scaling_map_to_ray():
+    from raysft.launch.driver import checkpoint_config, scaling_config
+
+    best = checkpoint_config(compose("trainer.metric_for_best_model=eval_loss", "trainer.save_total_limit=3"))
+    assert (best.num_to_keep, best.checkpoint_score_attribute, best.checkpoint_score_order) == (3, "eval_loss", "min")
+    assert checkpoint_config(compose()).checkpoint_score_attribute is None
+    elastic = scaling_config(compose("scaling.min_workers=1", "scaling.elastic_resize_interval_s=5"))
+    assert elastic.num_workers == (1, 2) and elastic.elastic_resize_monitor_interval_s == 5
+    assert scaling_config(compose()).num_workers == 2
 
 
 def test_wrong_type_fails():
@@ -114,10 +128,10 @@ FROZEN_KEYS = {
     "data": ["chat_template", "column_map", "dataset_mixture", "date", "eos_token", "format", "loss", "max_bad_fraction",
              "max_length", "order", "overlong", "packing", "packing_strategy", "root", "window_rows"],
     "trainer": ["average_tokens_across_devices", "bf16", "eval_steps", "gradient_accumulation_steps",
-                "gradient_checkpointing", "learning_rate", "logging_steps", "lr_scheduler_kwargs", "lr_scheduler_type",
-                "max_grad_norm", "max_steps", "num_train_epochs", "per_device_train_batch_size", "report_to",
-                "save_steps", "save_strategy", "save_total_limit", "seed", "trl_overrides", "use_reentrant",
-                "warmup_ratio", "weight_decay"],
+                "gradient_checkpointing", "greater_is_better", "learning_rate", "logging_steps", "lr_scheduler_kwargs",
+                "lr_scheduler_type", "max_grad_norm", "max_steps", "metric_for_best_model", "num_train_epochs",
+                "per_device_train_batch_size", "report_to", "save_steps", "save_strategy", "save_total_limit", "seed",
+                "trl_overrides", "use_reentrant", "warmup_ratio", "weight_decay"],
     "plan": ["global_batch_rows", "tokens_per_s_per_gpu", "usd_per_gpu_hour"],
 }
 
@@ -128,7 +142,7 @@ def test_config_surface_is_frozen():
     for group, keys in FROZEN_KEYS.items():
         assert sorted(f.name for f in dataclasses.fields(getattr(cfg, group))) == keys, group
     assert set(schema) == {"model", "data", "trainer", "scaling", "storage", "deepspeed", "peft", "monitor", "plan",
-                           "stage", "sweep"}
+                           "resume", "stage", "sweep"}
     # The sweep group (conf/sweep/): unset unless `sweep=<preset>` is given.
     assert cfg.sweep is None
     assert sorted(f.name for f in dataclasses.fields(SweepConfig)) == [

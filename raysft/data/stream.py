@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -55,7 +56,9 @@ class RowDealer:
     def __init__(self, spec, data_cpus: float = 0.5, concurrency: int = 1):
         self.spec, self.data_kw = spec, {"data_cpus": data_cpus, "concurrency": concurrency}
         self.lock = threading.Lock()
-        self.session = 0
+        # Session ids grow across dealers too (a re-run's dealer starts above this one's): the audit
+        # log (monitor.log_batch_hashes) tells the attempts of a run apart by them.
+        self.session = time.time_ns() // 1000
         self.world = 0
 
     # ------------------------------------------------------------------ control

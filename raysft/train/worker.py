@@ -32,7 +32,7 @@ class LoopConfig:
 
 
 def build_sft_args(cfg: RaySFTConfig, *, output_dir: str, max_steps: int, has_eval: bool, bf16: bool, rank: int,
-                   save_steps: float = 0, grad_accum: int | None = None):
+                   save_steps: float = 0, grad_accum: int | None = None, run_name: str | None = None):
     """SFTConfig from the curated ``trainer`` group; the data arrive packed, so TRL's own
     preparation (tokenize, pack, collate) is switched off."""
     import torch
@@ -73,6 +73,7 @@ def build_sft_args(cfg: RaySFTConfig, *, output_dir: str, max_steps: int, has_ev
         # The data stream itself starts at the checkpoint's cursor: the Trainer must not skip batches.
         ignore_data_skip=True,
         report_to=[r for r in t.report_to if r != "none"] or "none",
+        run_name=run_name,  # stable across restarts: trackio resumes the run by name
         deepspeed=ds,
         # No CUDA: plain DDP needs use_cpu + gloo; DeepSpeed brings its own CPU accelerator (gloo too).
         use_cpu=not cuda and ds is None,
@@ -161,8 +162,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # ---------------------------------------------------------------- model
     # The SFTConfig goes first: with ZeRO-3 it registers the DeepSpeed config that makes
     # from_pretrained / from_config build the model already partitioned (zero3_init).
+    run_name = lc.run_uri.rstrip("/").rsplit("/", 1)[-1]
+    _continue_tracker_runs(run_name)
     args = build_sft_args(cfg, output_dir=scratch, max_steps=lc.max_steps, has_eval=lc.has_eval, bf16=accel.bf16, rank=rank,
-                          save_steps=lc.save_steps, grad_accum=grad_accum)
+                          save_steps=lc.save_steps, grad_accum=grad_accum, run_name=run_name)
     tokenizer = models.load_tokenizer(cfg.model)
     net = models.build_model(cfg.model, accel, peft=cfg.peft, seed=cfg.trainer.seed)
 
@@ -262,6 +265,15 @@ def check_world_size(saved: int | None, world: int, cfg: RaySFTConfig, where: st
             "(raysft export) and start a new run from the exported model.")
     log.warning("resuming a %d-worker checkpoint on %d workers: weights, optimizer and data position carry over "
                 "(the data cursor is global); per-rank RNG states of new ranks start fresh", saved, world)
+
+
+def _continue_tracker_runs(run_name: str) -> None:
+    """A restarted or re-run job logs into the same tracker run: wandb by a run id derived from the
+    run name (unless the user set one), trackio by run name (``run_name`` in the SFTConfig)."""
+    import re
+
+    os.environ.setdefault("WANDB_RUN_ID", re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[:64])
+    os.environ.setdefault("WANDB_RESUME", "allow")
 
 
 def _broadcast(obj: Any) -> Any:
