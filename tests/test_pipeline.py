@@ -142,7 +142,9 @@ def expected_sequences(spec: DataSpec, tokenizer, split: str = "train") -> list[
 
 
 def row_digests(rows: list[dict]) -> list[str]:
-    return [hashlib.sha256(b"".join(np.ascontiguousarray(r[k]).tobytes() for k in PACKED_COLUMNS)).hexdigest()
+    """A digest of each packed row: its arrays and the unit it came from (a scalar: hashed by value)."""
+    arrays = [k for k in PACKED_COLUMNS if k != "unit"]
+    return [hashlib.sha256(b"".join(np.ascontiguousarray(r[k]).tobytes() for k in arrays) + str(int(r["unit"])).encode()).hexdigest()
             for r in rows]
 
 
@@ -151,7 +153,7 @@ def segments(rows: list[dict], max_length: int, pad_id: int) -> list[list[tuple[
     Checks the row layout on the way: right padding, positions, padding labels and sources."""
     out = []
     for r in rows:
-        ids, labels, pos, src = (np.asarray(r[k]) for k in PACKED_COLUMNS)
+        ids, labels, pos, src = (np.asarray(r[k]) for k in ("input_ids", "labels", "position_ids", "source_ids"))
         assert ids.shape == labels.shape == pos.shape == src.shape == (max_length,)
         assert ids.dtype == labels.dtype == pos.dtype == np.int32 and src.dtype == np.int16
         n = int((src != -1).sum())
