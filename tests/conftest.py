@@ -58,3 +58,20 @@ def shared_path(*parts: str) -> Path:
     if not p.exists():
         pytest.skip(f"{p} not present")
     return p
+
+
+# The default job as test_train checks it and test_resume replays it with a worker killed: one
+# uninterrupted run, shared (each run costs a minute or more on 2 cores).
+CLEAN_RUN = ["trainer.max_steps=6", "trainer.gradient_accumulation_steps=2", "trainer.eval_steps=3",
+             "monitor.sample_every_steps=3", "trainer.save_strategy=steps", "trainer.save_steps=2",
+             "monitor.log_batch_hashes=true"]
+
+
+@pytest.fixture(scope="session")
+def clean_run(ray_cluster, tmp_path_factory):
+    """(RunResult, run directory) of the default job with CLEAN_RUN overrides."""
+    from raysft.launch import driver
+
+    root = tmp_path_factory.mktemp("clean")
+    result = driver.run(compose(f"storage.path={root}", "storage.name=clean", *CLEAN_RUN))
+    return result, root / "clean"

@@ -16,15 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import compose
+from conftest import CLEAN_RUN, compose
 
 from raysft.launch import driver
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-STEPS, GA = 6, 2
-COMMON = [f"trainer.max_steps={STEPS}", f"trainer.gradient_accumulation_steps={GA}", "trainer.save_strategy=steps",
-          "trainer.save_steps=2", "trainer.eval_steps=null", "monitor.sample_prompts=[]", "monitor.log_batch_hashes=true"]
+STEPS, GA = 6, 2  # conftest.CLEAN_RUN: checkpoints every 2 steps, eval and samples every 3
 
 
 def _hashes(run_dir: Path, rank: int) -> tuple[dict[tuple[int, int], list[str]], int]:
@@ -74,18 +72,17 @@ def _kill_a_worker_after(run_dir: Path, step: int, killed: list, stop: threading
         time.sleep(0.2)
 
 
-def test_sigkill_of_a_worker_resumes_with_exactly_the_same_data(ray_cluster, tmp_path):
+def test_sigkill_of_a_worker_resumes_with_exactly_the_same_data(clean_run, tmp_path):
     import torch
 
-    driver.run(compose(f"storage.path={tmp_path}", "storage.name=clean", *COMMON))
-    clean = tmp_path / "clean"
+    _, clean = clean_run
 
     killed: list[int] = []
     stop = threading.Event()
     killer = threading.Thread(target=_kill_a_worker_after, args=(tmp_path / "faulty", 3, killed, stop), daemon=True)
     killer.start()
     try:
-        driver.run(compose(f"storage.path={tmp_path}", "storage.name=faulty", "scaling.max_failures=1", *COMMON))
+        driver.run(compose(f"storage.path={tmp_path}", "storage.name=faulty", "scaling.max_failures=1", *CLEAN_RUN))
     finally:
         stop.set()
     faulty = tmp_path / "faulty"
@@ -135,7 +132,7 @@ def test_a_resume_on_more_workers_continues_the_global_data_order(ray_cluster, t
     common = [f"storage.path={tmp_path}", "storage.name=grow", "trainer.save_strategy=steps", "trainer.save_steps=2",
               "trainer.eval_steps=null", "monitor.sample_prompts=[]", "monitor.log_batch_hashes=true"]
     driver.run(compose(*common, "scaling.num_workers=1", "trainer.gradient_accumulation_steps=4", "trainer.max_steps=2"))
-    steps = 5
+    steps = 4
     driver.run(compose(*common, "scaling.num_workers=2", "trainer.gradient_accumulation_steps=2", f"trainer.max_steps={steps}"))
 
     audit = [json.loads(x) | {"rank": r} for r in (0, 1)
@@ -143,7 +140,7 @@ def test_a_resume_on_more_workers_continues_the_global_data_order(ray_cluster, t
     first = min(e["session"] for e in audit)
     assert {(e["rank"], e["micro"]) for e in audit if e["session"] == first} == {(0, j) for j in range(4)}
     assert {e["step"] for e in audit if e["session"] == first} == {1, 2}
-    assert {e["step"] for e in audit if e["session"] > first} == {3, 4, 5}
+    assert {e["step"] for e in audit if e["session"] > first} == {3, 4}
     final = json.loads((run_dir / "workers" / "rank_1.json").read_text())
     assert final["world_size"] == 2 and final["gradient_accumulation_steps"] == 2
 

@@ -14,14 +14,14 @@ Exit codes: 0 ok, 1 data could not be read, 2 bad usage or config, 3 too many ma
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from raysft.launch.report import write_command_output
 
 USAGE = ("usage: raysft data preview [--rows N] [--no-color] [overrides...]\n"
          "       raysft data stats [--out DIR] [overrides...]")
@@ -221,12 +221,7 @@ def stats(cfg, *, out: str | None = None) -> int:
 
     report = stats_report(st)
     print_stats(report)
-    out_dir = Path(out or os.path.join("outputs", "data-stats", time.strftime("%Y%m%d-%H%M%S")))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "stats.json").write_text(json.dumps(report, indent=1))
-    plot_mixture(report, out_dir / "mixture.png")
-    print(f"wrote {out_dir / 'stats.json'}")
-    print(f"wrote {out_dir / 'mixture.png'}")
+    write_command_output(out, "data-stats", "stats.json", report, plot_mixture)
     return 0
 
 

@@ -22,16 +22,14 @@ read, 2 usage, config or refusal, 3 too many malformed rows.
 from __future__ import annotations
 
 import datetime
-import json
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from raysft import assets
 from raysft.config import RaySFTConfig
 from raysft.launch import estimates as est
+from raysft.launch.report import write_command_output
 
 USAGE = "usage: raysft plan [--out DIR] [overrides...]"
 
@@ -84,11 +82,7 @@ def main(argv: list[str]) -> int:
         print(f"raysft: data quality check failed:\n{e}", file=sys.stderr)
         return 3
     print_plan(plan)
-    out_dir = Path(out or os.path.join("outputs", "plan", time.strftime("%Y%m%d-%H%M%S")))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "plan.json").write_text(json.dumps(plan, indent=1))
-    plot_mixture(plan, out_dir / "mixture.png")
-    print(f"wrote {out_dir / 'plan.json'}\nwrote {out_dir / 'mixture.png'}")
+    write_command_output(out, "plan", "plan.json", plan, plot_mixture)
     return 0
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
 
 from raysft.storage import files
 
@@ -60,3 +63,15 @@ def write_loss_plot(run_uri: str, metrics: list[dict[str, Any]]) -> None:
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     files.write_bytes(files.join(run_uri, "loss.png"), buf.getvalue())
+
+
+def write_command_output(out: str | None, kind: str, filename: str, data: dict[str, Any],
+                         plot: Callable[[dict[str, Any], Path], None]) -> Path:
+    """What `raysft data stats` and `raysft plan` leave behind: ``filename`` (JSON) and mixture.png in
+    ``out`` (default outputs/<kind>/<timestamp>), each announced on stdout."""
+    out_dir = Path(out or os.path.join("outputs", kind, time.strftime("%Y%m%d-%H%M%S")))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / filename).write_text(json.dumps(data, indent=1))
+    plot(data, out_dir / "mixture.png")
+    print(f"wrote {out_dir / filename}\nwrote {out_dir / 'mixture.png'}")
+    return out_dir

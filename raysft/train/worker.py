@@ -116,7 +116,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from raysft.storage import files
     from raysft.train import model as models
     from raysft.train.deepspeed import patch_accelerate_for_cpu_deepspeed
-    from raysft.train import checkpoint as ckpts
     from raysft.train.checkpoint import RayCheckpointCallback
     from raysft.train.metrics import MetricsCallback, SampleCallback
     from raysft.train.trainer import EvalBatches, RaySFTTrainer, TrainStream
