@@ -159,18 +159,18 @@ class InterruptAfterFirstTrial(TuneCallback):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_sweep_early_stops_resumes_after_an_interruption_and_its_best_config_reproduces(ray_cluster, tmp_path):
-    """4 trials of 4 steps (a grid over learning rates, 1e-7 the hopeless one, run last), ASHA on the
+    """4 trials of 6 steps (a grid over learning rates, 1e-7 the hopeless one, run last), ASHA on the
     per-step loss. The sweep is interrupted after its first trial and resumed by the same call.
     (One sweep for both: each trial is a full raysft run, ~1.5 min on a loaded 2-core box.)"""
     overrides = [f"storage.path={tmp_path}", "sweep=lr", "sweep.name=asha", _grid(3e-3, 1e-2, 1e-3, 1e-7),
                  "sweep.metric=loss", "sweep.num_samples=1", "sweep.scheduler.grace_period=1",
-                 "sweep.scheduler.reduction_factor=2", "trainer.max_steps=4", *TINY]
+                 "sweep.scheduler.reduction_factor=2", "trainer.max_steps=6", *TINY]
     sweep_dir = tmp_path / "asha"
 
     # Interrupted (Ctrl-C) once the first trial has finished.
     sweeps.run(overrides, callbacks=[InterruptAfterFirstTrial()])
     (first,) = [r for r in _rows(sweep_dir) if r["status"] == "done"]
-    assert float(first["trainer.learning_rate"]) == 3e-3 and int(first["steps"]) == 4
+    assert float(first["trainer.learning_rate"]) == 3e-3 and int(first["steps"]) == 6
     assert len(list(tmp_path.glob("asha-trial-*"))) <= 2  # at most the next trial had started
     metrics = Path(first["run"]) / "metrics.jsonl"
     before = (metrics.read_bytes(), metrics.stat().st_mtime_ns)
@@ -182,11 +182,11 @@ def test_sweep_early_stops_resumes_after_an_interruption_and_its_best_config_rep
 
     rows = {float(r["trainer.learning_rate"]): r for r in _rows(sweep_dir)}
     assert sorted(rows) == [1e-7, 1e-3, 3e-3, 1e-2]
-    assert rows[1e-7]["status"] == "stopped early" and int(rows[1e-7]["steps"]) < 4, rows[1e-7]
+    assert rows[1e-7]["status"] == "stopped early" and int(rows[1e-7]["steps"]) < 6, rows[1e-7]
     for r in rows.values():  # each trial is a raysft run of its own, next to the sweep
         assert Path(r["run"]).name == f"asha-trial-{r['trial']}" and (Path(r["run"]) / "metrics.jsonl").exists()
         assert (Path(r["run"]) / "train_summary.json").exists() == (r["status"] == "done")
-        assert r["status"] in ("done", "stopped early") and (r["status"] == "done") == (int(r["steps"]) == 4)
+        assert r["status"] in ("done", "stopped early") and (r["status"] == "done") == (int(r["steps"]) == 6)
     assert (sweep_dir / "trials.png").stat().st_size > 1000
 
     best = result.best
