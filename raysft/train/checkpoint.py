@@ -110,9 +110,10 @@ def scan(run_uri: str) -> list[CheckpointInfo]:
     return [inspect(files.join(run_uri, n)) for n in names]
 
 
-def latest_complete(run_uri: str) -> CheckpointInfo | None:
-    """The complete checkpoint with the highest global step (registered with Ray Train or not)."""
-    done = [c for c in scan(run_uri) if c.complete]
+def latest_complete(run_uri: str, found: list[CheckpointInfo] | None = None) -> CheckpointInfo | None:
+    """The complete checkpoint with the highest global step (registered with Ray Train or not).
+    ``found``: the run's ``scan`` when the caller already has it (each scan reads every manifest)."""
+    done = [c for c in (scan(run_uri) if found is None else found) if c.complete]
     return max(done, key=lambda c: (c.step, c.uri)) if done else None
 
 
@@ -128,10 +129,10 @@ def resolve(uri: str) -> CheckpointInfo:
     return latest
 
 
-def remove_incomplete(run_uri: str) -> list[str]:
+def remove_incomplete(run_uri: str, found: list[CheckpointInfo] | None = None) -> list[str]:
     """Delete the run's checkpoint folders that can never be resumed from (an upload cut short)."""
     removed = []
-    for c in scan(run_uri):
+    for c in (scan(run_uri) if found is None else found):
         if not c.complete:
             log.warning("removing incomplete checkpoint %s (%s)", c.uri, c.why)
             _delete(c.uri)

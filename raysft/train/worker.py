@@ -235,8 +235,9 @@ def _restore(lc: LoopConfig, cfg: RaySFTConfig, scratch: str, rank: int, world: 
 
     chosen = None
     if rank == 0:
-        ckpts.remove_incomplete(lc.run_uri)
-        latest = ckpts.latest_complete(lc.run_uri)
+        found = ckpts.scan(lc.run_uri)  # one listing of storage for both
+        ckpts.remove_incomplete(lc.run_uri, found)
+        latest = ckpts.latest_complete(lc.run_uri, found)
         chosen = latest.uri if latest else lc.init_checkpoint
     chosen = _broadcast(chosen)
     if chosen is None:
