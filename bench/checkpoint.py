@@ -49,7 +49,7 @@ def trained_trainer(hidden: int, layers: int, out: str):
     import datasets
     from transformers import Trainer, TrainingArguments
 
-    from raysft.cli import compose
+    from raysft.config import compose
     from raysft.train import model as models
 
     # The real SmolLM3 architecture config, scaled as the tiny test model is (raysft's own builder).
@@ -99,7 +99,7 @@ def main() -> None:
     from ray.train.v2._internal.execution.storage import _pyarrow_fs_copy_files
 
     from raysft.storage import files
-    from raysft.train import checkpoint as ckpts
+    from raysft.storage import checkpoints as ckpts
 
     proc, endpoint = start_moto()
     try:

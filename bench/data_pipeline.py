@@ -118,7 +118,7 @@ def is_not_ray(cmd: str) -> bool:
 
 
 def compose_cfg(max_length: int, weight: float | None = None, window_rows: int | None = None):
-    from raysft.cli import compose
+    from raysft.config import compose
 
     ov = ["data=smoltalk2_sft_mini", f"data.root={MINI}", f"data.max_length={max_length}"]
     if window_rows:

@@ -76,8 +76,8 @@ def plain_trl(cfg, rows: list[dict], steps: int) -> list[float]:
 
 
 def raysft_run(overrides: list[str], steps: int) -> list[float]:
-    from raysft.cli import compose
-    from raysft.launch import driver
+    from raysft.config import compose
+    from raysft.run import driver
 
     tmp = tempfile.mkdtemp()
     cfg = compose([*overrides, f"trainer.max_steps={steps}", f"storage.path={tmp}", "storage.name=b",
@@ -93,15 +93,15 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     a = p.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from raysft.cli import compose
+    from raysft.config import compose, derived
     from raysft.data.pipeline import build_dataset
-    from raysft.launch import driver
+    from raysft.run import driver
 
     base = ["data.dataset_mixture.datasets.0.weight=0.2", "data.dataset_mixture.datasets.1.weight=0.3"]
     cfg = compose(base)
     driver.init_ray(cfg)
     spec, _ = driver.prepare_data(cfg)
-    rows = list(build_dataset(spec, "train").iter_rows())
+    rows = list(build_dataset(spec, "train", **derived.data_resources(cfg.scaling)).iter_rows())
     rows = [{k: list(map(int, r[k])) for k in ("input_ids", "labels", "position_ids", "source_ids")} for r in rows]
 
     t_plain = step_times(plain_trl(cfg, rows, a.steps), a.warmup)

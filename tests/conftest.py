@@ -42,7 +42,7 @@ def tokenizer():
 
 def compose(*overrides: str):
     """The real config tree, composed exactly as the CLI does."""
-    from raysft.cli import compose as cli_compose
+    from raysft.config import compose as cli_compose
 
     return cli_compose(list(overrides))
 
@@ -70,7 +70,7 @@ CLEAN_RUN = ["trainer.max_steps=6", "trainer.gradient_accumulation_steps=2", "tr
 @pytest.fixture(scope="session")
 def clean_run(ray_cluster, tmp_path_factory):
     """(RunResult, run directory) of the default job with CLEAN_RUN overrides."""
-    from raysft.launch import driver
+    from raysft.run import driver
 
     root = tmp_path_factory.mktemp("clean")
     result = driver.run(compose(f"storage.path={root}", "storage.name=clean", *CLEAN_RUN))

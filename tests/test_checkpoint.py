@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import compose
 
-from raysft.train import checkpoint as ckpts
+from raysft.storage import checkpoints as ckpts
 
 
 def test_manifest_detects_incomplete_checkpoints(tmp_path):
@@ -73,7 +73,7 @@ def _keys(client, bucket, prefix):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_checkpoints_go_to_s3_and_a_new_run_starts_from_one(ray_cluster, s3_bucket):
-    from raysft.launch import driver
+    from raysft.run import driver
 
     client, bucket = s3_bucket
     common = [f"storage.path=s3://{bucket}/runs", "storage.name=ck", "trainer.save_strategy=steps",
@@ -167,7 +167,7 @@ def test_an_upload_killed_midway_never_looks_complete(s3_bucket, tmp_path):
 
 
 def test_resume_latest_finds_the_run_with_the_newest_checkpoint(tmp_path):
-    from raysft.launch import driver
+    from raysft.storage.rundir import Storage
 
     _fake_checkpoint(tmp_path / "old", "checkpoint_2026-01-01_00-00-01", 3)
     _fake_checkpoint(tmp_path / "new", "checkpoint_2026-01-02_00-00-01", 5)
@@ -176,20 +176,22 @@ def test_resume_latest_finds_the_run_with_the_newest_checkpoint(tmp_path):
     _fake_checkpoint(tmp_path / "newest-but-broken", "checkpoint_2026-01-04_00-00-01", 9)
     (tmp_path / "newest-but-broken" / "checkpoint_2026-01-04_00-00-01" / "shard_0.pt").write_bytes(b"")
 
+    def resolve_resume(cfg):
+        return Storage.at(cfg.storage.path).resolve_resume(cfg.resume, cfg.storage.name)
+
     cfg = compose(f"storage.path={tmp_path}", "resume=latest")
-    assert driver.resolve_resume(cfg) == ("new", None) and cfg.storage.name == "new"
-    assert driver.resolve_resume(compose(f"storage.path={tmp_path}", "storage.name=old", "resume=latest")) == ("old", None)
+    assert resolve_resume(cfg) == ("new", None) and cfg.storage.name is None  # the config is not written back
+    assert resolve_resume(compose(f"storage.path={tmp_path}", "storage.name=old", "resume=latest")) == ("old", None)
     with pytest.raises(ValueError, match="no complete checkpoint"):
-        driver.resolve_resume(compose(f"storage.path={tmp_path}", "storage.name=missing", "resume=latest"))
-    name, start = driver.resolve_resume(compose(f"storage.path={tmp_path}", "storage.name=fork",
-                                                f"resume={tmp_path / 'new'}"))
+        resolve_resume(compose(f"storage.path={tmp_path}", "storage.name=missing", "resume=latest"))
+    name, start = resolve_resume(compose(f"storage.path={tmp_path}", "storage.name=fork", f"resume={tmp_path / 'new'}"))
     assert name == "fork" and start.endswith("new/checkpoint_2026-01-02_00-00-01")
     with pytest.raises(ValueError, match="neither a complete raysft checkpoint"):
-        driver.resolve_resume(compose(f"storage.path={tmp_path}", f"resume={tmp_path / 'newest-but-broken'}"))
+        resolve_resume(compose(f"storage.path={tmp_path}", f"resume={tmp_path / 'newest-but-broken'}"))
 
 
 def test_zero3_checkpoint_on_another_world_size_fails_before_ray_starts(tmp_path):
-    from raysft.launch import driver
+    from raysft.run import driver
 
     _fake_checkpoint(tmp_path / "z3", "checkpoint_2026-01-01_00-00-01", 4, world=2)
     with pytest.raises(RuntimeError, match="written by 2 workers and this run has 1: DeepSpeed ZeRO-3"):

@@ -127,7 +127,7 @@ def test_cluster_yaml_holds_no_secrets():
 
 
 def test_scaling_config_asks_for_the_recipe_resources():
-    from raysft.launch.driver import scaling_config
+    from raysft.run.driver import scaling_config
 
     sc = scaling_config(compose("recipe=smollm3_mid", "scaling.memory_per_worker_gb=100"))
     assert sc.num_workers == 64 and sc.use_gpu and sc.accelerator_type == "H100" and sc.placement_strategy == "PACK"
@@ -306,7 +306,7 @@ def _submit(head: Head, *overrides: str, submission_id: str) -> subprocess.Compl
 def test_job_stop_leaves_a_resumable_checkpoint_and_a_resubmit_continues(job_server, tmp_path):
     """Submit a long run, `ray job stop` it once a checkpoint is in storage, re-submit under the same
     storage.name: the run continues from that checkpoint (logs streamed, overrides intact, exit 0)."""
-    from raysft.train import checkpoint as ckpts
+    from raysft.storage import checkpoints as ckpts
 
     run_dir = tmp_path / "runs" / "on-cluster"
     common = ["trainer.eval_steps=null", "trainer.save_strategy=steps", "trainer.save_steps=2",
@@ -464,7 +464,7 @@ def test_autoscaler_starts_the_node_type_a_run_asks_for():
     """Ray's fake multi-node provider: node types shaped like cluster.yaml's (a CPU node, an H100
     node and an L4 node, 1 GPU each here); the run's Ray Train bundle starts H100 nodes only, CPU-only
     work starts the CPU node only, and both go away after the idle timeout (0.2 min)."""
-    from raysft.launch.driver import scaling_config
+    from raysft.run.driver import scaling_config
 
     sc = scaling_config(compose("scaling=gpu_8x8", "scaling.num_workers=2", "scaling.cpus_per_worker=1"))
     bundle = sc._resources_per_worker_not_none  # {"CPU": 1, "GPU": 1, "accelerator_type:H100": 0.001}

@@ -10,15 +10,17 @@ import sys
 import pytest
 from conftest import ROOT, compose
 
-from raysft.cli import CONF_DIR, OverrideKeyError, check_override_keys, main
+from raysft.cli import main
+from raysft.config import OverrideKeyError, check_override_keys, config_groups
 from raysft.config import RaySFTConfig, SweepConfig, from_plain, to_plain
-from raysft.launch.driver import redact, steps_for
+from raysft.config.derived import steps_for
+from raysft.config.secrets import redact
 
-GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+GROUPS = sorted(config_groups())
 
 
 def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    return config_groups()[group]
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
@@ -81,7 +83,7 @@ def test_bad_values_fail_with_what_to_change(override, message):
 
 
 def test_checkpoint_retention_and_elastic_scaling_map_to_ray():
-    from raysft.launch.driver import checkpoint_config, scaling_config
+    from raysft.run.driver import checkpoint_config, scaling_config
 
     best = checkpoint_config(compose("trainer.metric_for_best_model=eval_loss", "trainer.save_total_limit=3"))
     assert (best.num_to_keep, best.checkpoint_score_attribute, best.checkpoint_score_order) == (3, "eval_loss", "min")
@@ -170,7 +172,7 @@ def test_step_count_matches_a_plain_trl_launch(rows, workers, batch, ga, epochs,
                              num_train_epochs=epochs, use_cpu=True, report_to=[])
     trainer = Trainer(model=torch.nn.Linear(1, 1), args=args)
     hf_max_steps = trainer.set_initial_training_values(args, per_rank)[-1]
-    assert steps_for(stats, cfg) == hf_max_steps
+    assert steps_for(stats.train_packed_rows, cfg) == hf_max_steps
 
 
 def test_too_little_data_for_one_step_is_refused():
@@ -179,4 +181,4 @@ def test_too_little_data_for_one_step_is_refused():
     cfg = compose("trainer.per_device_train_batch_size=4")
     stats = DataStats(sources={}, train_packed_rows=5, train_packed_tokens=0, eval_packed_rows=0, max_length=512, date="2026-01-01")
     with pytest.raises(ValueError, match="fewer than one micro-batch"):
-        steps_for(stats, cfg)
+        steps_for(stats.train_packed_rows, cfg)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from raysft.cli import compose, main
+from raysft.cli import main
+from raysft.config import compose
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 

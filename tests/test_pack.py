@@ -277,10 +277,12 @@ def test_bfd_not_always_better_than_ffd(trl_pack_bfd):
 
 
 def test_ffd_alias_warns_and_equals_bfd(caplog):
-    P._warned_aliases.clear()
+    import raysft.config.data as C
+
+    C._warned_aliases.clear()
     rng = np.random.default_rng(3)
     seqs = make_seqs(rng.integers(1, 100, 200), rng)
-    with caplog.at_level(logging.WARNING, logger=P.__name__):
+    with caplog.at_level(logging.WARNING, logger=C.__name__):
         assert normalize_strategy("ffd") == "bfd"
     assert any("ffd" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
     a, b = pack(seqs, 128, "ffd", PAD), pack(seqs, 128, "bfd", PAD)
@@ -288,7 +290,7 @@ def test_ffd_alias_warns_and_equals_bfd(caplog):
         np.testing.assert_array_equal(a[k], b[k])
     assert [x.tolist() for x in a["seq_lengths"]] == [x.tolist() for x in b["seq_lengths"]]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger=P.__name__):
+    with caplog.at_level(logging.WARNING, logger=C.__name__):
         normalize_strategy("FFD")  # once per process: Ray would otherwise log it for every batch
     assert not caplog.records
 

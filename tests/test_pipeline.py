@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from raysft import assets
-from raysft.config import DataConfig, MixtureConfig, SourceConfig
+from raysft.config import DataConfig, MixtureConfig, ScalingConfig, SourceConfig, derived
 from raysft.data.pipeline import (
     PACKED_COLUMNS,
     DataQualityError,
@@ -33,6 +33,9 @@ from raysft.data.pipeline import (
 )
 from raysft.data.render import IGNORE_INDEX, ChatRenderer
 from raysft.data.validate import ColumnMap, normalize
+
+DATA = derived.data_resources(ScalingConfig())
+DATA_CPUS = DATA["data_cpus"]
 
 pytestmark = pytest.mark.ray
 
@@ -61,7 +64,7 @@ def data_config(sources: list[dict], *, seed: int = 42, test_split_size: float =
 
 def sample_config(**overrides) -> DataConfig:
     """conf/data/sample_sft.yaml under the default stage (sft template, 512 tokens), composed as the CLI does."""
-    from raysft.cli import compose
+    from raysft.config import compose
 
     args = [f"data.date={DATE}", f"data.window_rows={WINDOW}"] + [f"data.{k}={v}" for k, v in overrides.items()]
     return compose(args).data
@@ -271,7 +274,7 @@ def specs(tmp_path_factory) -> dict[str, DataSpec]:
 
 
 def _rows(spec: DataSpec, split: str = "train", concurrency: int = 1) -> list[dict]:
-    ds = build_dataset(spec, split, concurrency=concurrency)
+    ds = build_dataset(spec, split, data_cpus=DATA_CPUS, concurrency=concurrency)
     return [] if ds is None else list(ds.iter_rows())
 
 
@@ -291,12 +294,12 @@ def runs(ray_cluster, specs):
         "bfd@2": lambda: _rows(specs["bfd"], concurrency=2),
         "streaming@2": lambda: _rows(specs["streaming"], concurrency=2),
         "eval": lambda: _rows(specs["bfd"], "eval"),
-        "stats": lambda: collect_stats(specs["bfd"]),
+        "stats": lambda: collect_stats(specs["bfd"], **DATA),
         "sharegpt": lambda: _rows(specs["sharegpt"]),
         "pc": lambda: _rows(specs["pc"]),
         "text": lambda: _rows(specs["text"]),
-        "bad": lambda: collect_stats(specs["bad"]),
-        "bad_default": lambda: collect_stats(specs["bad_default"]),
+        "bad": lambda: collect_stats(specs["bad"], **DATA),
+        "bad_default": lambda: collect_stats(specs["bad_default"], **DATA),
     }
     pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="build")
     yield {name: pool.submit(fn) for name, fn in jobs.items()}

@@ -10,8 +10,9 @@ import pytest
 from conftest import compose
 
 from raysft.cli import main
-from raysft.launch import estimates as est
-from raysft.launch import plan as planner
+from raysft.config import derived
+from raysft.commands import estimates as est
+from raysft.commands import plan as planner
 
 DATE = "data.date=2026-01-01"  # the sft template prints the date: pin it so both passes render alike
 
@@ -22,7 +23,7 @@ DATE = "data.date=2026-01-01"  # the sft template prints the date: pin it so bot
 @pytest.mark.ray
 def test_plan_on_the_local_sample_matches_an_actual_data_pass(ray_cluster, tmp_path, capsys):
     from raysft.data.pipeline import DataStats, build_dataset, build_spec
-    from raysft.launch.driver import steps_for
+    from raysft.config.derived import steps_for
     from raysft.train.model import tokenizer_path
 
     assert main(["plan", "--out", str(tmp_path), DATE]) == 0
@@ -35,7 +36,7 @@ def test_plan_on_the_local_sample_matches_an_actual_data_pass(ray_cluster, tmp_p
     cfg = compose(DATE)
     spec = build_spec(cfg.data, tokenizer_path(cfg.model), epochs=1)
     rows, tokens, trained = 0, np.zeros(len(spec.sources), np.int64), np.zeros(len(spec.sources), np.int64)
-    for batch in build_dataset(spec, "train").iter_batches(batch_size=64, batch_format="numpy"):
+    for batch in build_dataset(spec, "train", **derived.data_resources(cfg.scaling)).iter_batches(batch_size=64, batch_format="numpy"):
         rows += len(batch["input_ids"])
         src, lab = batch["source_ids"], batch["labels"]
         for i in range(len(spec.sources)):
@@ -51,7 +52,7 @@ def test_plan_on_the_local_sample_matches_an_actual_data_pass(ray_cluster, tmp_p
     t = cfg.trainer
     per_step = cfg.scaling.num_workers * t.per_device_train_batch_size * t.gradient_accumulation_steps
     assert p["steps"]["rows_per_step"] == per_step
-    assert p["steps"]["total_steps"] == steps_for(DataStats({}, rows, 0, 0, cfg.data.max_length, ""), cfg) > 0
+    assert p["steps"]["total_steps"] == steps_for(rows, cfg) > 0
     assert p["steps"]["tokens_per_step"] == per_step * cfg.data.max_length
 
 

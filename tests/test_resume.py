@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import CLEAN_RUN, compose
 
-from raysft.launch import driver
+from raysft.run import driver
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -57,7 +57,7 @@ def _kill_a_worker_after(run_dir: Path, step: int, killed: list, stop: threading
     """SIGKILL one Ray Train worker process once ``step`` is logged and its checkpoint is in storage."""
     from ray.util.state import list_actors
 
-    from raysft.train import checkpoint as ckpts
+    from raysft.storage import checkpoints as ckpts
 
     metrics = run_dir / "metrics.jsonl"
     while not stop.is_set():
@@ -152,7 +152,7 @@ def test_a_resume_on_more_workers_continues_the_global_data_order(ray_cluster, t
 
 
 def test_elastic_accumulation_keeps_the_global_batch():
-    from raysft.train.worker import grad_accum_for
+    from raysft.config.derived import grad_accum_for
 
     cfg = compose("scaling.num_workers=8", "scaling.min_workers=2", "trainer.gradient_accumulation_steps=2")
     assert [grad_accum_for(cfg, w) for w in (8, 4, 2, 5)] == [2, 4, 8, 3]  # 16 rows per step; 5 x 3 = 15 is nearest

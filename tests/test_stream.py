@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from raysft import assets
+from raysft.config import ScalingConfig, derived
 from raysft.data.pipeline import PrepareUnit, build_spec
 from raysft.data.stream import Cursor, RowDealer
 
@@ -23,7 +24,7 @@ def digest(row) -> str:
 
 @pytest.fixture(scope="module")
 def spec():
-    from raysft.cli import compose
+    from raysft.config import compose
 
     # 10 rows per unit: the sample's 49 train rows make 5 units, so a pass crosses unit boundaries.
     cfg = compose(["data.date=2025-03-04", "data.window_rows=10"])
@@ -45,7 +46,7 @@ def one_pass(spec):
 def dealer(ray_cluster, spec):
     import ray
 
-    actor = ray.remote(RowDealer).options(num_cpus=0, max_concurrency=8).remote(spec)
+    actor = ray.remote(RowDealer).options(num_cpus=0, max_concurrency=8).remote(spec, **derived.data_resources(ScalingConfig()))
     yield actor
     ray.kill(actor)
 

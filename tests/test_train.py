@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import compose
 
-from raysft.launch import driver
-from raysft.launch.export import export
+from raysft.run import driver
+from raysft.commands.export import export
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

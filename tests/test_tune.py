@@ -14,12 +14,16 @@ import yaml
 from conftest import compose
 from ray.tune import Callback as TuneCallback
 
-from raysft.cli import CONF_DIR, main
-from raysft.cli import compose as cli_compose
+from raysft.cli import main
+from raysft.config import config_groups
+from raysft.config import compose as cli_compose
 from raysft.config import to_plain
-from raysft.launch import tune as sweeps
+from raysft.storage.rundir import SweepDir
+from raysft.sweep import results as sweep_results
+from raysft.sweep import space as sweep_space
+from raysft.sweep import trials as sweeps
 
-PRESETS = sorted(p.stem for p in (CONF_DIR / "sweep").glob("*.yaml"))
+PRESETS = config_groups()["sweep"]
 
 # Each trial: one CPU worker, no held-out split (metric `loss`, reported every step), no samples.
 TINY = ["scaling.num_workers=1", "trainer.logging_steps=1", "trainer.warmup_ratio=0", "trainer.eval_steps=null",
@@ -45,9 +49,9 @@ def test_presets_are_shipped():
 def test_every_sweep_preset_composes_a_trial(preset):
     cfg = compose(f"sweep={preset}")
     assert cfg.sweep is not None and cfg.sweep.name and cfg.sweep.space
-    base, _ = sweeps.base_overrides([f"sweep={preset}"], cfg)
-    sweeps.check_space(cfg.sweep, base, config_dir=None, config_name="config")  # keys exist, a trial validates
-    assert sweeps.tune_space(cfg.sweep.space).keys() == cfg.sweep.space.keys()
+    base, _ = sweep_space.base_overrides([f"sweep={preset}"], cfg)
+    sweep_space.check_space(cfg.sweep, base, config_dir=None, config_name="config")  # keys exist, a trial validates
+    assert sweep_space.tune_space(cfg.sweep.space).keys() == cfg.sweep.space.keys()
 
 
 def test_sweep_is_off_by_default_and_fields_override():
@@ -62,15 +66,15 @@ def test_sweep_is_off_by_default_and_fields_override():
 
 def test_a_group_can_be_swept_too():
     cfg = compose("sweep=lr", "+sweep.space={peft:{type:choice,values:[none,lora]}}")
-    sweeps.check_space(cfg.sweep, [], config_dir=None, config_name="config")
-    trial = cli_compose(sweeps.trial_overrides({"trainer.learning_rate": 1e-3, "peft": "lora"}))
+    sweep_space.check_space(cfg.sweep, [], config_dir=None, config_name="config")
+    trial = cli_compose(sweep_space.trial_overrides({"trainer.learning_rate": 1e-3, "peft": "lora"}))
     assert trial.peft.enabled and trial.peft.r == 16 and trial.trainer.learning_rate == 1e-3
 
 
 def test_a_space_key_that_is_no_config_key_fails_before_ray():
-    with pytest.raises(sweeps.SweepConfigError, match="Valid keys there: .*learning_rate"):
+    with pytest.raises(sweep_space.SweepConfigError, match="Valid keys there: .*learning_rate"):
         sweeps.run(["sweep=lr", "+sweep.space={trainer.lr:{type:uniform,low:0.1,high:0.2}}"])
-    with pytest.raises(sweeps.SweepConfigError, match="does not compose"):
+    with pytest.raises(sweep_space.SweepConfigError, match="does not compose"):
         sweeps.run(["sweep=lr", "+sweep.space={data.max_length:{type:choice,values:[long]}}"])
 
 
@@ -97,29 +101,29 @@ def test_optuna_search_takes_no_grid():
 
 def test_eval_metric_gets_evaluations_and_needs_held_out_data():
     cfg = compose("sweep=lr", "trainer.eval_steps=null", "trainer.logging_steps=2")
-    base, notes = sweeps.base_overrides(["sweep=lr", "trainer.eval_steps=null", "trainer.logging_steps=2"], cfg)
+    base, notes = sweep_space.base_overrides(["sweep=lr", "trainer.eval_steps=null", "trainer.logging_steps=2"], cfg)
     assert base[-1] == "trainer.eval_steps=20" and "eval_steps" in notes[0]
     cfg = compose("sweep=lr", "data.dataset_mixture.test_split_size=0")
-    with pytest.raises(sweeps.SweepConfigError, match="needs held-out data"):
-        sweeps.base_overrides([], cfg)
+    with pytest.raises(sweep_space.SweepConfigError, match="needs held-out data"):
+        sweep_space.base_overrides([], cfg)
     # `loss` is reported every logging step: nothing to add.
     cfg = compose("sweep=lr", "sweep.metric=loss", "trainer.eval_steps=null")
-    assert sweeps.base_overrides(["sweep=lr", "trainer.eval_steps=null", "storage.name=x"], cfg) == (["trainer.eval_steps=null"], [])
+    assert sweep_space.base_overrides(["sweep=lr", "trainer.eval_steps=null", "storage.name=x"], cfg) == (["trainer.eval_steps=null"], [])
 
 
 @pytest.mark.parametrize("value", [1e-7, 3.0e-4, 16, True, None, "lora", "s3://bucket/runs", "a path/with space", [8, 16], "null"])
 def test_sampled_values_become_overrides_that_parse_back(value):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    (parsed,) = OverridesParser.create().parse_overrides([f"+x={sweeps.hydra_value(value)}"])
+    (parsed,) = OverridesParser.create().parse_overrides([f"+x={sweep_space.hydra_value(value)}"])
     assert parsed.value() == value
 
 
 def _fake_best(tmp_path: Path, overrides: list[str]) -> Path:
     cfg = compose("sweep=lr", *overrides)
     row = {"trial": "abc_00001", "status": "done", "steps": 6, "eval_loss": 1.5, "trainer.learning_rate": 3e-3, "run": "r"}
-    best = overrides + sweeps.trial_overrides({"trainer.learning_rate": 3e-3})
-    sweeps.write_best(cfg.sweep, str(tmp_path), row, best, config_dir=None, config_name="config")
+    best = overrides + sweep_space.trial_overrides({"trainer.learning_rate": 3e-3})
+    sweep_results.write_best(cfg.sweep, SweepDir(str(tmp_path.parent), tmp_path.name), row, best, config_dir=None, config_name="config")
     return tmp_path
 
 
@@ -202,6 +206,6 @@ def test_sweep_early_stops_resumes_after_an_interruption_and_its_best_config_rep
         assert plain == trial_cfg
 
     # Another sweep under the same name is refused rather than mixed into this one.
-    assert json.loads((sweep_dir / sweeps.SPEC_FILE).read_text())["base_overrides"][-1] == TINY[-1]
-    with pytest.raises(sweeps.SweepConfigError, match="already exists"):
+    assert json.loads((sweep_dir / SweepDir.SPEC).read_text())["base_overrides"][-1] == TINY[-1]
+    with pytest.raises(sweep_space.SweepConfigError, match="already exists"):
         sweeps.run([*overrides, "trainer.max_steps=3"])

@@ -25,14 +25,11 @@ from typing import Literal
 
 import numpy as np
 
+from raysft.config.data import VALID_STRATEGIES, normalize_strategy
+
 logger = logging.getLogger(__name__)
 
 PackingStrategy = Literal["bfd", "bfd_split", "wrapped", "none"]
-VALID_STRATEGIES: tuple[str, ...] = ("bfd", "bfd_split", "wrapped", "none")
-# Old names -> current names. "ffd" comes from TRL <= 0.19 recipes (TRL now only
-# has bfd); "bfd-requeue" is TRL's old spelling of bfd_split.
-_ALIASES = {"ffd": "bfd", "bfd-requeue": "bfd_split"}
-_warned_aliases: set[str] = set()  # warn once per process, not once per Ray batch
 
 IGNORE_INDEX = -100
 _INT16_MAX = np.iinfo(np.int16).max
@@ -43,29 +40,6 @@ class Sequence:
     input_ids: np.ndarray  # int32
     labels: np.ndarray  # int32, -100 = not trained
     source: int  # index of the data source it came from
-
-
-def normalize_strategy(name: str) -> str:
-    """Map a user-facing strategy name to one of VALID_STRATEGIES.
-
-    "ffd" -> "bfd" and "bfd-requeue" -> "bfd_split" with a warning (once per
-    process: this is called for every window inside Ray workers).
-    "bfd_split" is supported: over-long sequences are cut into max_length chunks
-    (each chunk is its own sequence with positions from 0), then packed with bfd.
-    """
-    key = str(name).strip().lower()
-    if key in _ALIASES:
-        new = _ALIASES[key]
-        if key not in _warned_aliases:
-            _warned_aliases.add(key)
-            logger.warning("packing strategy %r is a deprecated alias; using %r instead", name, new)
-        return new
-    if key not in VALID_STRATEGIES:
-        raise ValueError(
-            f"Unknown packing strategy {name!r}; valid values are {VALID_STRATEGIES} "
-            f"(aliases: {sorted(_ALIASES)})"
-        )
-    return key
 
 
 def truncate_or_drop(

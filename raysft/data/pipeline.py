@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from raysft import assets
-from raysft.config import DataConfig
+from raysft.config import DataConfig, derived
 from raysft.data import pack as packing
 from raysft.data.mixture import MixturePlan, plan_mixture
 from raysft.data.render import ChatRenderer
@@ -99,11 +99,11 @@ class DataSpec:
 
 
 def build_spec(data: DataConfig, tokenizer_path: str, *, epochs: int = 1) -> DataSpec:
+    """The data plan of ``data``; the template date is pinned here (``derived.template_date``)."""
     sources = resolve_sources(data)
     mix = data.dataset_mixture
     plan = plan_mixture([s.num_rows for s in sources], [s.weight for s in sources], mix.seed, mix.test_split_size)
-    date = data.date or datetime.date.today().isoformat()
-    return DataSpec(data, sources, plan, tokenizer_path, date, epochs)
+    return DataSpec(data, sources, plan, tokenizer_path, derived.template_date(data), epochs)
 
 
 # ----------------------------------------------------------------------------- one unit
@@ -150,7 +150,7 @@ class PrepareUnit:
                                      date=datetime.date.fromisoformat(spec.date), loss=data.loss,
                                      eos_token=data.eos_token)
         self.cmap = ColumnMap.named(data.column_map)
-        self.strategy = packing.normalize_strategy(data.packing_strategy if data.packing else "none")
+        self.strategy = derived.packing_strategy(data)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
         self.formats: dict[int, str] = {}
@@ -259,8 +259,8 @@ class PrepareUnit:
 # ----------------------------------------------------------------------------- datasets
 
 
-def build_dataset(spec: DataSpec, split: str = "train", mode: str = "rows", *, data_cpus: float = 0.5,
-                  concurrency: int = 1, start_unit: int = 0, skip_rows: int = 0):
+def build_dataset(spec: DataSpec, split: str = "train", mode: str = "rows", *, data_cpus: float,
+                  concurrency: int, start_unit: int = 0, skip_rows: int = 0):
     """A lazily executed Ray Dataset of packed rows (or per-unit stats) for ``split``
     (``"train"``, ``"eval"``, or ``"all"`` = both, for the stats pass).
 
@@ -307,13 +307,13 @@ class DataQualityError(RuntimeError):
     """Too many malformed rows in a source: the message lists counts per reason and examples."""
 
 
-def collect_stats(spec: DataSpec, **kw) -> DataStats:
+def collect_stats(spec: DataSpec, *, data_cpus: float, concurrency: int) -> DataStats:
     """One pass over epoch 0 and the eval split, returning counts only (no tensors)."""
     one_epoch = DataSpec(spec.data, spec.sources, spec.plan, spec.tokenizer_path, spec.date, epochs=1)
     merged: dict[str, dict] = {"train": {n: new_source_stats() for n in spec.source_names},
                                "eval": {n: new_source_stats() for n in spec.source_names}}
     packed = {"train": [0, 0], "eval": [0, 0]}
-    for row in build_dataset(one_epoch, "all", mode="stats", **kw).iter_rows():
+    for row in build_dataset(one_epoch, "all", mode="stats", data_cpus=data_cpus, concurrency=concurrency).iter_rows():
         st = json.loads(row["stats"])
         split = st["split"]
         packed[split][0] += st["packed_rows"]

@@ -53,7 +53,7 @@ class RowDealer:
     asks for its micro-batches ``k = 0, 1, 2, ...`` in order. Memory: the rows dealt but not yet
     asked for, which the workers' lock-step (DDP syncs every step) keeps to about one step."""
 
-    def __init__(self, spec, data_cpus: float = 0.5, concurrency: int = 1):
+    def __init__(self, spec, *, data_cpus: float, concurrency: int):
         self.spec, self.data_kw = spec, {"data_cpus": data_cpus, "concurrency": concurrency}
         self.lock = threading.Lock()
         # Session ids grow across dealers too (a re-run's dealer starts above this one's): the audit

@@ -1,164 +1,15 @@
-"""Checkpoints: the HF Trainer's checkpoint folders, reported to Ray Train, which uploads them to
-``storage.path`` (local or S3) as ``<run>/checkpoint_<timestamp>/``.
-
-Every rank writes a manifest of its files (name and size) *last*, after the Trainer has written
-its shards, and the manifest travels with the upload; a checkpoint counts as complete only when
-every rank's manifest is present and every file it lists exists with its size, so a checkpoint
-whose upload was cut short is never mistaken for a complete one.
-
-Which checkpoint to resume from is decided here, from what is in storage, not from Ray Train's
-registry alone: Ray Train V2 (2.60) can leave a checkpoint that was uploaded just before a worker
-died unregistered (it then resumes from an older one, and ``num_to_keep`` never prunes the orphan).
-``latest_complete`` picks the newest complete checkpoint by global step, registered or not, and
-``prune`` removes what Ray no longer tracks once a run has finished.
-"""
+"""The Trainer callback that hands every saved checkpoint to Ray Train (which uploads it to the run
+directory in storage; see ``raysft/storage/checkpoints.py`` for what makes one complete)."""
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import ray.train
 from transformers import TrainerCallback
 
 from raysft.storage import files
-
-log = logging.getLogger(__name__)
-
-STATE_FILE = "raysft_state.json"
-
-
-def manifest_name(rank: int) -> str:
-    return f"raysft_manifest_rank{rank}.json"
-
-
-def write_manifest(ckpt_dir: str | Path, rank: int, world_size: int, state: dict[str, Any]) -> None:
-    ckpt_dir = Path(ckpt_dir)
-    if rank == 0:
-        (ckpt_dir / STATE_FILE).write_text(json.dumps(state))
-    entries = {str(p.relative_to(ckpt_dir)): p.stat().st_size for p in sorted(ckpt_dir.rglob("*"))
-               if p.is_file() and not p.name.startswith("raysft_manifest_rank")}
-    tmp = ckpt_dir / f".{manifest_name(rank)}.tmp"
-    tmp.write_text(json.dumps({"rank": rank, "world_size": world_size, "files": entries}))
-    os.replace(tmp, ckpt_dir / manifest_name(rank))
-
-
-def verify(ckpt_dir: str | Path) -> tuple[bool, str]:
-    """(complete?, why not) for a local (or downloaded) checkpoint folder."""
-    ckpt_dir = Path(ckpt_dir)
-    sizes = {str(p.relative_to(ckpt_dir)): p.stat().st_size for p in ckpt_dir.rglob("*") if p.is_file()}
-    return _check(sizes, lambda rel: (ckpt_dir / rel).read_text())
-
-
-def _check(sizes: dict[str, int], read) -> tuple[bool, str]:
-    """Completeness from a listing (relative path -> size) and a reader of small files."""
-    manifests = sorted(rel for rel in sizes if rel.startswith("raysft_manifest_rank") and rel.endswith(".json"))
-    if not manifests:
-        return False, "no manifest"
-    world = json.loads(read(manifests[0]))["world_size"]
-    if len(manifests) != world:
-        return False, f"{len(manifests)} of {world} rank manifests"
-    for m in manifests:
-        for rel, size in json.loads(read(m))["files"].items():
-            if sizes.get(rel) != size:
-                return False, f"{rel} missing or truncated"
-    return True, ""
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    uri: str
-    complete: bool
-    why: str = ""
-    state: dict | None = None  # raysft_state.json: global_step, num_tokens, data cursor, world_size
-
-    @property
-    def step(self) -> int:
-        return int((self.state or {}).get("global_step", -1))
-
-    @property
-    def world_size(self) -> int | None:
-        return (self.state or {}).get("world_size")
-
-
-def inspect(uri: str) -> CheckpointInfo:
-    """A checkpoint folder in storage (local or S3), checked without downloading its shards."""
-    import pyarrow.fs as pafs
-
-    fs, path = files.filesystem(uri)
-    listing = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    sizes = {i.path[len(path):].lstrip("/"): i.size for i in listing if i.type == pafs.FileType.File}
-
-    def read(rel: str) -> str:
-        return files.read_bytes(files.join(uri, rel)).decode()
-
-    ok, why = _check(sizes, read)
-    state = json.loads(read(STATE_FILE)) if STATE_FILE in sizes else None
-    return CheckpointInfo(uri, ok, why, state)
-
-
-def scan(run_uri: str) -> list[CheckpointInfo]:
-    """Every ``checkpoint_*`` folder of a run, oldest first (Ray names them by timestamp)."""
-    import pyarrow.fs as pafs
-
-    fs, path = files.filesystem(run_uri)
-    entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    names = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_"))
-    return [inspect(files.join(run_uri, n)) for n in names]
-
-
-def latest_complete(run_uri: str, found: list[CheckpointInfo] | None = None) -> CheckpointInfo | None:
-    """The complete checkpoint with the highest global step (registered with Ray Train or not).
-    ``found``: the run's ``scan`` when the caller already has it (each scan reads every manifest)."""
-    done = [c for c in (scan(run_uri) if found is None else found) if c.complete]
-    return max(done, key=lambda c: (c.step, c.uri)) if done else None
-
-
-def resolve(uri: str) -> CheckpointInfo:
-    """``uri`` names a checkpoint folder or a run folder (its newest complete checkpoint)."""
-    info = inspect(uri)
-    if info.complete:
-        return info
-    latest = latest_complete(uri)
-    if latest is None:
-        raise ValueError(f"{uri} is neither a complete raysft checkpoint ({info.why}) nor a run folder with one; "
-                         "pass a run folder (storage.path/<name>) or one of its checkpoint_* folders")
-    return latest
-
-
-def remove_incomplete(run_uri: str, found: list[CheckpointInfo] | None = None) -> list[str]:
-    """Delete the run's checkpoint folders that can never be resumed from (an upload cut short)."""
-    removed = []
-    for c in (scan(run_uri) if found is None else found):
-        if not c.complete:
-            log.warning("removing incomplete checkpoint %s (%s)", c.uri, c.why)
-            _delete(c.uri)
-            removed.append(c.uri)
-    return removed
-
-
-def prune(run_uri: str, keep: set[str]) -> list[str]:
-    """After a run: delete checkpoint folders whose names are not in ``keep`` (Ray's kept set):
-    orphans Ray Train lost track of, and incomplete uploads."""
-    removed = []
-    for c in scan(run_uri):
-        if c.uri.rstrip("/").rsplit("/", 1)[-1] not in keep:
-            _delete(c.uri)
-            removed.append(c.uri)
-    return removed
-
-
-def _delete(uri: str) -> None:
-    fs, path = files.filesystem(uri)
-    fs.delete_dir(path)
-
-
-def read_state(ckpt_dir: str | Path) -> dict[str, Any]:
-    p = Path(ckpt_dir) / STATE_FILE
-    return json.loads(p.read_text()) if p.exists() else {}
+from raysft.storage.checkpoints import write_manifest
 
 
 class RayCheckpointCallback(TrainerCallback):
@@ -179,8 +30,6 @@ class RayCheckpointCallback(TrainerCallback):
         self.last_eval = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
 
     def on_save(self, args, state, control, **kwargs):
-        import ray.train
-
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         ckpt.mkdir(parents=True, exist_ok=True)
         extra = self.state_fn(state) if self.rank == 0 else {}
@@ -196,8 +45,6 @@ class RayCheckpointCallback(TrainerCallback):
                          checkpoint_upload_fn=self._upload)
 
     def _upload(self, checkpoint, checkpoint_dir_name: str):
-        import ray.train
-
         dest = files.join(self.run_uri, checkpoint_dir_name)
         files.upload_dir(checkpoint.path, dest)
         fs, path = files.filesystem(dest)

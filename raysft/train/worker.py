@@ -5,11 +5,29 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from typing import Any
 
+import datasets
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from trl import SFTConfig
+
 from raysft.config import RaySFTConfig, from_plain
+from raysft.config.derived import grad_accum_for
+from raysft.data.stream import Cursor
+from raysft.storage import checkpoints as ckpts
+from raysft.storage import files
+from raysft.storage.rundir import RunDir
+from raysft.train import model as models
+from raysft.train.checkpoint import RayCheckpointCallback
+from raysft.train.deepspeed import deepspeed_config, patch_accelerate_for_cpu_deepspeed
+from raysft.train.metrics import MetricsCallback, SampleCallback
+from raysft.train.trainer import EvalBatches, RaySFTTrainer, TrainStream, row_digests
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +37,8 @@ class LoopConfig:
     """What the driver hands each worker (plain values only, as Ray's train_loop_config should be)."""
 
     cfg: dict[str, Any]
-    run_uri: str
+    run_root: str
+    run_name: str
     max_steps: int
     source_names: list[str]
     has_eval: bool
@@ -35,11 +54,6 @@ def build_sft_args(cfg: RaySFTConfig, *, output_dir: str, max_steps: int, has_ev
                    save_steps: float = 0, grad_accum: int | None = None, run_name: str | None = None):
     """SFTConfig from the curated ``trainer`` group; the data arrive packed, so TRL's own
     preparation (tokenize, pack, collate) is switched off."""
-    import torch
-    from trl import SFTConfig
-
-    from raysft.train.deepspeed import deepspeed_config
-
     t = cfg.trainer
     cuda = torch.cuda.is_available()
     ds = deepspeed_config(cfg.deepspeed)
@@ -92,37 +106,11 @@ def build_sft_args(cfg: RaySFTConfig, *, output_dir: str, max_steps: int, has_ev
     return SFTConfig(**kwargs)
 
 
-def grad_accum_for(cfg: RaySFTConfig, world: int) -> int:
-    """Gradient accumulation for a group of ``world`` workers. Fixed runs: the configured value.
-    Elastic runs keep the global batch of ``num_workers`` workers (so the step count and the LR
-    schedule, derived for it, stay right); when ``world`` does not divide it, the nearest value."""
-    t, s = cfg.trainer, cfg.scaling
-    if s.min_workers is None or world == s.num_workers:
-        return t.gradient_accumulation_steps
-    ga = max(1, round(s.num_workers * t.gradient_accumulation_steps / world))
-    if ga * world != s.num_workers * t.gradient_accumulation_steps:
-        log.warning("elastic run on %d of %d workers: gradient accumulation %d gives %d rows per step instead of %d",
-                    world, s.num_workers, ga, ga * world * t.per_device_train_batch_size,
-                    s.num_workers * t.gradient_accumulation_steps * t.per_device_train_batch_size)
-    return ga
-
-
 def train_loop(loop_config: dict[str, Any]) -> None:
-    import ray
-    import ray.train
-    import torch
-
-    from raysft.data.stream import Cursor
-    from raysft.storage import files
-    from raysft.train import model as models
-    from raysft.train.deepspeed import patch_accelerate_for_cpu_deepspeed
-    from raysft.train.checkpoint import RayCheckpointCallback
-    from raysft.train.metrics import MetricsCallback, SampleCallback
-    from raysft.train.trainer import EvalBatches, RaySFTTrainer, TrainStream
-
     # ---------------------------------------------------------------- setup
     lc = LoopConfig(**loop_config)
     cfg = from_plain(lc.cfg)
+    rundir = RunDir(lc.run_root, lc.run_name)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
@@ -132,7 +120,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if cfg.deepspeed.enabled:
             patch_accelerate_for_cpu_deepspeed()
     accel = models.resolve_accel(cfg.model, bf16=cfg.trainer.bf16)
-    local_run = None if files.is_remote(lc.run_uri) else files.filesystem(lc.run_uri)[1]
+    local_run = rundir.local_path
     scratch = tempfile.mkdtemp(prefix=f"raysft-rank{rank}-")
     batch = cfg.trainer.per_device_train_batch_size
     grad_accum = grad_accum_for(cfg, world)
@@ -146,7 +134,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # Rank 0 (re)starts the dealer at the checkpoint's cursor; the others wait for it.
     session = ray.get(lc.dealer.start.remote(cursor0.to_dict(), world, batch)) if rank == 0 else None
     session = _broadcast(session)
-    audit = _batch_audit(cfg, lc.run_uri, local_run, scratch, rank, session)
+    audit = _batch_audit(cfg, rundir, scratch, rank, session)
     train_batches = TrainStream(lc.dealer, session, rank, grad_accum=grad_accum, timeout_s=cfg.scaling.data_timeout_s,
                                 first_step=step0, on_batch=audit.write if audit else None)
     eval_batches = (EvalBatches(ray.train.get_dataset_shard("eval"), batch, timeout_s=cfg.scaling.data_timeout_s)
@@ -161,7 +149,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # ---------------------------------------------------------------- model
     # The SFTConfig goes first: with ZeRO-3 it registers the DeepSpeed config that makes
     # from_pretrained / from_config build the model already partitioned (zero3_init).
-    run_name = lc.run_uri.rstrip("/").rsplit("/", 1)[-1]
+    run_name = lc.run_name
     _continue_tracker_runs(run_name)
     args = build_sft_args(cfg, output_dir=scratch, max_steps=lc.max_steps, has_eval=lc.has_eval, bf16=accel.bf16, rank=rank,
                           save_steps=lc.save_steps, grad_accum=grad_accum, run_name=run_name)
@@ -169,18 +157,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     net = models.build_model(cfg.model, accel, peft=cfg.peft, seed=cfg.trainer.seed)
 
     # ---------------------------------------------------------------- trainer
-    import datasets
-
     # SFTTrainer insists on a datasets object; the real rows come from the dealer (TrainStream).
     placeholder = datasets.IterableDataset.from_generator(_placeholder_rows)
     cuda = torch.cuda.is_available()
-    metrics = MetricsCallback(os.path.join(local_run, "metrics.jsonl") if local_run else os.path.join(scratch, "metrics.jsonl"),
+    metrics = MetricsCallback(os.path.join(local_run or scratch, RunDir.METRICS),
                               world_size=world, flops_per_token=6.0 * _param_counts(net)[1] if cuda else None,
                               peak_flops_per_device=cfg.monitor.peak_tflops_per_gpu * 1e12 if cuda else None)
     samples = SampleCallback(tokenizer, list(cfg.monitor.sample_prompts), every_steps=cfg.monitor.sample_every_steps,
                              max_new_tokens=cfg.monitor.sample_max_new_tokens, metrics=metrics)
     best = cfg.trainer.metric_for_best_model
-    saver = RayCheckpointCallback(rank, world, checkpoint_state, run_uri=lc.run_uri, score_key=best,
+    saver = RayCheckpointCallback(rank, world, checkpoint_state, run_uri=rundir.uri, score_key=best,
                                   missing_score=float("-inf") if cfg.trainer.greater_is_better else float("inf"))
     trainer = RaySFTTrainer(
         model=net, args=args, train_dataset=placeholder, eval_dataset=placeholder if lc.has_eval else None,
@@ -201,23 +187,21 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     final_eval = trainer.evaluate() if lc.has_eval else {}
 
     # ---------------------------------------------------------------- save
-    model_dir = os.path.join(scratch, "model")
+    model_dir = os.path.join(scratch, RunDir.MODEL)
     trainer.save_model(model_dir)  # every rank: ZeRO-3 gathers the shards, rank 0 writes
     if rank == 0:
         tokenizer.save_pretrained(model_dir)
         summary = {"global_step": trainer.state.global_step, "train_loss_mean": result.training_loss,
                    "train_runtime_s": result.metrics.get("train_runtime"), "num_tokens": trainer._total_train_tokens,
                    "rows_consumed_rank0": train_batches.rows_consumed, "resumed_from_step": step0, **final_eval}
-        with open(os.path.join(scratch, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        files.upload_dir(model_dir, files.join(lc.run_uri, "model"))
-        files.write_bytes(files.join(lc.run_uri, "train_summary.json"), json.dumps(summary, indent=1).encode())
+        files.upload_dir(model_dir, rundir.file(RunDir.MODEL))
+        files.write_bytes(rundir.file(RunDir.TRAIN_SUMMARY), json.dumps(summary, indent=1).encode())
         if not local_run:
-            files.write_bytes(files.join(lc.run_uri, "metrics.jsonl"), open(metrics.path, "rb").read())
+            files.write_bytes(rundir.file(RunDir.METRICS), open(metrics.path, "rb").read())
     if audit:
         audit.finish()
     # Per-rank record: what this worker consumed and how it was wrapped (DDP / DeepSpeed).
-    files.write_bytes(files.join(lc.run_uri, "workers", f"rank_{rank}.json"), json.dumps({
+    files.write_bytes(rundir.worker_record(rank), json.dumps({
         "rank": rank, "world_size": world, "rows_consumed": train_batches.rows_consumed,
         "global_step": trainer.state.global_step, "wrapped_model": type(trainer.model_wrapped).__name__,
         "attn_implementation": accel.attn_implementation, "gradient_accumulation_steps": grad_accum,
@@ -230,14 +214,12 @@ def _restore(lc: LoopConfig, cfg: RaySFTConfig, scratch: str, rank: int, world: 
     Rank 0 chooses, from storage: the newest complete checkpoint of this run (after a restart or a
     re-run under the same name; newer than Ray's registered one when Ray lost track of an upload),
     else ``resume=<uri>``'s. Incomplete uploads are deleted. Every rank then fetches and verifies it."""
-    from raysft.storage import files
-    from raysft.train import checkpoint as ckpts
-
+    rundir = RunDir(lc.run_root, lc.run_name)
     chosen = None
     if rank == 0:
-        found = ckpts.scan(lc.run_uri)  # one listing of storage for both
-        ckpts.remove_incomplete(lc.run_uri, found)
-        latest = ckpts.latest_complete(lc.run_uri, found)
+        found = rundir.checkpoints()  # one listing of storage for both
+        rundir.remove_incomplete(found)
+        latest = rundir.latest_checkpoint(found)
         chosen = latest.uri if latest else lc.init_checkpoint
     chosen = _broadcast(chosen)
     if chosen is None:
@@ -270,16 +252,12 @@ def check_world_size(saved: int | None, world: int, cfg: RaySFTConfig, where: st
 def _continue_tracker_runs(run_name: str) -> None:
     """A restarted or re-run job logs into the same tracker run: wandb by a run id derived from the
     run name (unless the user set one), trackio by run name (``run_name`` in the SFTConfig)."""
-    import re
-
     os.environ.setdefault("WANDB_RUN_ID", re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[:64])
     os.environ.setdefault("WANDB_RESUME", "allow")
 
 
 def _broadcast(obj: Any) -> Any:
     """Rank 0's value on every rank (Ray Train has set up the torch process group)."""
-    import torch.distributed as dist
-
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
     box = [obj]
@@ -292,8 +270,6 @@ class _BatchAudit:
     rank trains on. A resumed run appends the steps it re-trains again, under a higher data session."""
 
     def __init__(self, path: str, upload_to: str | None, session: int):
-        from raysft.train.trainer import row_digests
-
         self.path, self.upload_to, self.digest, self.session = path, upload_to, row_digests, session
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.f = open(path, "a")
@@ -303,23 +279,18 @@ class _BatchAudit:
         self.f.flush()
 
     def finish(self) -> None:
-        from raysft.storage import files
-
         self.f.close()
         if self.upload_to:
             files.write_bytes(self.upload_to, open(self.path, "rb").read())
 
 
-def _batch_audit(cfg: RaySFTConfig, run_uri: str, local_run: str | None, scratch: str, rank: int,
-                 session: int) -> _BatchAudit | None:
-    from raysft.storage import files
-
+def _batch_audit(cfg: RaySFTConfig, rundir: RunDir, scratch: str, rank: int, session: int) -> _BatchAudit | None:
     if not cfg.monitor.log_batch_hashes:
         return None
-    name = f"batches_rank{rank}.jsonl"
-    if local_run:
-        return _BatchAudit(os.path.join(local_run, "workers", name), None, session)
-    return _BatchAudit(os.path.join(scratch, name), files.join(run_uri, "workers", name), session)
+    uri = rundir.batch_hashes(rank)
+    if rundir.local_path:
+        return _BatchAudit(files.filesystem(uri)[1], None, session)
+    return _BatchAudit(os.path.join(scratch, uri.rsplit("/", 1)[-1]), uri, session)
 
 
 def _quiet_ray_reports() -> None:

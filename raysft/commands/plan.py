@@ -26,10 +26,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from raysft import assets
-from raysft.config import RaySFTConfig
-from raysft.launch import estimates as est
-from raysft.launch.report import write_command_output
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from raysft import assets, plots
+from raysft.commands import estimates as est
+from raysft.commands.output import write_command_output
+from raysft.config import RaySFTConfig, compose, derived
+from raysft.data.mixture import plan_mixture
+from raysft.data.pipeline import DataQualityError
+from raysft.data.sources import DataSourceError, resolve_files
+from raysft.run.driver import init_ray, prepare_data
 
 USAGE = "usage: raysft plan [--out DIR] [overrides...]"
 
@@ -59,14 +67,9 @@ def main(argv: list[str]) -> int:
         else:
             overrides.append(a)
     try:
-        from raysft.cli import compose
-
         cfg = compose(overrides)
     except Exception as e:  # noqa: BLE001 - any composition failure is a config/usage error
         return _error(str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
-
-    from raysft.data.pipeline import DataQualityError
-    from raysft.data.sources import DataSourceError
 
     try:
         plan = build_plan(cfg)
@@ -82,7 +85,7 @@ def main(argv: list[str]) -> int:
         print(f"raysft: data quality check failed:\n{e}", file=sys.stderr)
         return 3
     print_plan(plan)
-    write_command_output(out, "plan", "plan.json", plan, plot_mixture)
+    write_command_output(out, "plan", "plan.json", plan, plots.plan_tokens)
     return 0
 
 
@@ -106,7 +109,7 @@ def build_plan(cfg: RaySFTConfig) -> dict[str, Any]:
 
     data = exact_data(cfg) if all_local(cfg) else estimated_data(cfg)
     t, s = cfg.trainer, cfg.scaling
-    rows_per_step = s.num_workers * t.per_device_train_batch_size * t.gradient_accumulation_steps
+    rows_per_step = derived.global_batch_rows(cfg)
     packed = data["train_packed_rows"]
     steps = {"rows_per_step": rows_per_step, "workers": s.num_workers,
              "per_device_train_batch_size": t.per_device_train_batch_size,
@@ -114,18 +117,18 @@ def build_plan(cfg: RaySFTConfig) -> dict[str, Any]:
              "steps_per_epoch": None, "total_steps": None, "tokens_per_step": rows_per_step * cfg.data.max_length,
              "real_tokens_per_step": None, "trained_tokens_per_step": None}
     if packed:
-        try:  # the driver's own derivation, so the plan and the run agree
-            total = t.max_steps if t.max_steps > 0 else _steps(cfg, packed)
+        try:  # the run's own derivation, so the plan and the run agree
+            total = t.max_steps if t.max_steps > 0 else derived.steps_for(packed, cfg)
         except ValueError as e:
             raise PlanRefused([f"{e} ({data['basis']})"]) from None
         try:
-            per_epoch = _steps(cfg, packed, epochs=1.0)
+            per_epoch = derived.steps_for(packed, cfg, epochs=1.0)
         except ValueError:
             per_epoch = 0
         steps |= {"steps_per_epoch": per_epoch, "total_steps": total,
                   "real_tokens_per_step": round(rows_per_step * cfg.data.max_length * data["packing_efficiency"]),
                   "trained_tokens_per_step": round(rows_per_step * data["trained_tokens"] / packed)}
-        if cfg.data.packing_strategy == "none" or not cfg.data.packing:
+        if derived.packing_strategy(cfg.data) == "none":
             steps["tokens_per_step"] = round(rows_per_step * data["tokens"] / packed)
     plan = {"generated": datetime.datetime.now().isoformat(timespec="seconds"), "stage": cfg.stage,
             "model": {"name_or_path": m.name_or_path, "revision": m.revision, "config": model_source,
@@ -137,21 +140,6 @@ def build_plan(cfg: RaySFTConfig) -> dict[str, Any]:
     return plan
 
 
-def _steps(cfg: RaySFTConfig, packed_rows: int, epochs: float | None = None) -> int:
-    """``driver.steps_for`` on ``packed_rows`` (raises ValueError below one optimizer step)."""
-    import copy
-
-    from raysft.data.pipeline import DataStats
-    from raysft.launch.driver import steps_for
-
-    if epochs is not None:
-        cfg = copy.deepcopy(cfg)
-        cfg.trainer.num_train_epochs = epochs
-    stats = DataStats(sources={}, train_packed_rows=packed_rows, train_packed_tokens=0, eval_packed_rows=0,
-                      max_length=cfg.data.max_length, date="")
-    return steps_for(stats, cfg)
-
-
 def refusals(cfg: RaySFTConfig, shape: est.ModelShape | None, model_source: str) -> list[str]:
     """Every reason the config cannot run, checked without reading any row."""
     reasons = []
@@ -161,9 +149,9 @@ def refusals(cfg: RaySFTConfig, shape: est.ModelShape | None, model_source: str)
                            f"kept, so it must be > 0 (drop the source to leave it out)")
     t, s, want = cfg.trainer, cfg.scaling, cfg.plan.global_batch_rows
     micro = s.num_workers * t.per_device_train_batch_size
-    if want is not None and micro * t.gradient_accumulation_steps != want:
+    if want is not None and derived.global_batch_rows(cfg) != want:
         got = (f"{s.num_workers} workers x {t.per_device_train_batch_size} rows x {t.gradient_accumulation_steps} "
-               f"accumulation = {micro * t.gradient_accumulation_steps}")
+               f"accumulation = {derived.global_batch_rows(cfg)}")
         if want % micro:
             reasons.append(f"global batch: plan.global_batch_rows={want} is not divisible by {s.num_workers} workers x "
                            f"{t.per_device_train_batch_size} rows = {micro}, so no gradient_accumulation_steps gives it "
@@ -181,11 +169,6 @@ def refusals(cfg: RaySFTConfig, shape: est.ModelShape | None, model_source: str)
 
 def column_refusals(cfg: RaySFTConfig) -> list[str]:
     """Local sources whose files lack a listed column (parquet / arrow schemas: footers only)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from raysft.data.sources import resolve_files
-
     reasons = []
     for src in cfg.data.dataset_mixture.datasets:
         if not src.columns or not _source_is_local(cfg, src):
@@ -225,10 +208,6 @@ def all_local(cfg: RaySFTConfig) -> bool:
 
 def exact_data(cfg: RaySFTConfig) -> dict[str, Any]:
     """The real stats pass (``driver.prepare_data``) on local Ray: the counts a run would print."""
-    import ray
-
-    from raysft.launch.driver import init_ray, prepare_data
-
     started = not ray.is_initialized()
     init_ray(cfg)
     try:
@@ -251,9 +230,6 @@ def exact_data(cfg: RaySFTConfig) -> dict[str, Any]:
 
 def estimated_data(cfg: RaySFTConfig) -> dict[str, Any]:
     """Row and token counts from published split sizes (no network, no rows read)."""
-    from raysft.data.mixture import plan_mixture
-    from raysft.data.sources import resolve_files
-
     d, mix = cfg.data, cfg.data.dataset_mixture
     notes = [f"estimated from {est.SMOLTALK2_SOURCE}: token counts are the conversations' before the chat template "
              f"(the sft template adds a system block per row), trained tokens = rows x mean response tokens (an "
@@ -291,7 +267,8 @@ def estimated_data(cfg: RaySFTConfig) -> dict[str, Any]:
                      f"steps and time are lower bounds: {', '.join(unknown)}")
     tokens = sum(s["tokens"] or 0 for s in sources)
     train_rows = sum(s["train_rows"] or 0 for s in sources if s["tokens"] is not None)
-    strategy = "none" if not d.packing else ("bfd" if d.packing_strategy in ("ffd", "bfd_split") else d.packing_strategy)
+    strategy = derived.packing_strategy(d)
+    strategy = "bfd" if strategy == "bfd_split" else strategy  # the same efficiency for the estimate
     packed, eff = est.packed_rows_estimate(tokens, train_rows, d.max_length, strategy) if tokens else (0, 0.0)
     if tokens and strategy != "none":
         notes.append(f"packing efficiency assumed {eff:.0%} ({strategy}); exact with local data")
@@ -312,7 +289,7 @@ def _data_totals(cfg, sources, *, basis, packed, efficiency, eval_packed, notes)
     return {"basis": basis, "sources": sources, "train_rows": rows, "tokens": tokens, "trained_tokens": trained,
             "trained_fraction": trained / tokens if tokens else None,
             "token_weighted_mean_seq_len": mean_len / tokens if tokens else None,
-            "max_length": cfg.data.max_length, "packing_strategy": cfg.data.packing_strategy if cfg.data.packing else "none",
+            "max_length": cfg.data.max_length, "packing_strategy": derived.packing_strategy(cfg.data),
             "train_packed_rows": packed, "packing_efficiency": efficiency, "eval_packed_rows": eval_packed, "notes": notes}
 
 
@@ -335,7 +312,7 @@ def memory_plan(cfg: RaySFTConfig, shape: est.ModelShape | None) -> dict[str, An
                            "peft": cfg.peft.method if cfg.peft.enabled else None,
                            "trainable_params": shape.lora_params(cfg.peft.r) if cfg.peft.enabled else shape.num_params,
                            "accelerator_type": s.accelerator_type, "gpu_memory_gb": None, "fits": None,
-                           "formula": "raysft.launch.estimates.memory_per_gpu (ZeRO paper's 16 bytes/param; activations "
+                           "formula": "raysft.commands.estimates.memory_per_gpu (ZeRO paper's 16 bytes/param; activations "
                                       "after Korthikanti et al. 2022)"}
     if not gpu:
         out["note"] = "CPU workers: the estimate is host memory per worker; no GPU to compare with"
@@ -445,34 +422,3 @@ def print_plan(p: dict[str, Any]) -> None:
         print(line)
     if tm.get("note"):
         print(f"time: {tm['note']}")
-
-
-def plot_mixture(p: dict[str, Any], path: Path) -> None:
-    """Horizontal bars of each source's tokens and trained tokens; unknown sources marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    sources = p["data"]["sources"]
-    names = [s["name"] for s in sources]
-    tokens = [(s["tokens"] or 0) / 1e6 for s in sources]
-    trained = [(s["trained_tokens"] or 0) / 1e6 for s in sources]
-    y = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(10, 1.4 + 0.38 * len(names)))
-    ax.barh(y - 0.2, tokens, height=0.4, label="tokens")
-    ax.barh(y + 0.2, trained, height=0.4, label="trained tokens")
-    top = max(tokens + [1e-9])
-    for yy, s, v in zip(y, sources, tokens):
-        label = "unknown size" if s["tokens"] is None else f" {v:,.2f}M"
-        ax.text(v, yy - 0.2, label, va="center", fontsize=7)
-    ax.set_yticks(y, names, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlim(0, top * 1.25)
-    ax.set_xlabel("millions of tokens")
-    ax.set_title(f"mixture by tokens: {p['data']['basis']}", fontsize=9)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -17,25 +17,29 @@ import os
 from pathlib import Path
 
 import yaml
+from huggingface_hub import HfApi
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from raysft.assets import load_chat_template
 from raysft.config import from_plain
 from raysft.storage import files
+from raysft.storage.rundir import RunDir
+from raysft.train import model as models
 
 
 def _find(src: Path) -> tuple[Path, Path | None]:
     """(folder holding the weights or adapter, run directory if known)."""
-    if (src / "model").is_dir():
-        return src / "model", src
-    if (src.parent / "config.yaml").exists():
+    if (src / RunDir.MODEL).is_dir():
+        return src / RunDir.MODEL, src
+    if (src.parent / RunDir.CONFIG).exists():
         return src, src.parent
     return src, None
 
 
 def export(src_uri: str, dest: str, *, merge: bool = False) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     src, run_dir = _find(files.download_dir(src_uri))
-    cfg = from_plain(yaml.safe_load((run_dir / "config.yaml").read_text())) if run_dir else None
+    cfg = from_plain(yaml.safe_load((run_dir / RunDir.CONFIG).read_text())) if run_dir else None
     out = Path(dest)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -53,14 +57,10 @@ def export(src_uri: str, dest: str, *, merge: bool = False) -> Path:
 
     tok_src = src if (src / "tokenizer_config.json").exists() else None
     if tok_src is None and cfg is not None:
-        from raysft.train.model import tokenizer_path
-
-        tok_src = tokenizer_path(cfg.model)
+        tok_src = models.tokenizer_path(cfg.model)
     if tok_src is not None:
         tokenizer = AutoTokenizer.from_pretrained(tok_src)
         if cfg is not None and cfg.data.chat_template:  # ship the template the model was trained with
-            from raysft.assets import load_chat_template
-
             tokenizer.chat_template = load_chat_template(cfg.data.chat_template)
         tokenizer.save_pretrained(out)
     (out / "README.md").write_text(_model_card(run_dir, cfg))
@@ -68,21 +68,18 @@ def export(src_uri: str, dest: str, *, merge: bool = False) -> Path:
 
 
 def _base_model(cfg):
-    from raysft.train import model as models
-
     if cfg is None:
         raise SystemExit("cannot find the run's config.yaml next to the adapter, so the base model is unknown")
     return models.build_model(cfg.model, models.resolve_accel(cfg.model, bf16=False), seed=cfg.trainer.seed)
 
 
 def _merged(adapter_dir: Path, cfg):
-    from peft import PeftModel
-
     # A random-initialised base is rebuilt bit-for-bit from the run's config and seed.
     return PeftModel.from_pretrained(_base_model(cfg), adapter_dir).merge_and_unload()
 
 
 def _from_zero_checkpoint(ckpt: Path, cfg):
+    # Imported on use: importing deepspeed picks and announces an accelerator, which a plain export does not need.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
@@ -99,9 +96,9 @@ def _model_card(run_dir: Path | None, cfg) -> str:
     lines = ["---", "library_name: transformers", "tags: [raysft, sft]", "---", "", "# Fine-tuned with raysft", ""]
     if cfg is not None:
         lines += [f"Base: `{cfg.model.name_or_path}` ({cfg.model.init}); stage `{cfg.stage}`.", "",
-                  "## Composed config", "", "```yaml", (run_dir / "config.yaml").read_text().rstrip(), "```", ""]
-    if run_dir is not None and (run_dir / "data_stats.json").exists():
-        stats = json.loads((run_dir / "data_stats.json").read_text())
+                  "## Composed config", "", "```yaml", (run_dir / RunDir.CONFIG).read_text().rstrip(), "```", ""]
+    if run_dir is not None and (run_dir / RunDir.DATA_STATS).exists():
+        stats = json.loads((run_dir / RunDir.DATA_STATS).read_text())
         lines += ["## Data", "", "| source | rows kept | tokens | trained tokens |", "|---|---|---|---|"]
         lines += [f"| {n} | {s['kept']} | {s['tokens']} | {s['trained_tokens']} |" for n, s in stats["sources"].items()]
         lines += ["", f"Packing efficiency {stats['packing_efficiency']:.1%} at max_length {stats['max_length']}.", ""]
@@ -117,8 +114,6 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     out = export(args.src, args.dest, merge=args.merge)
     if args.push_to_hub:
-        from huggingface_hub import HfApi
-
         HfApi(token=os.environ.get("HF_TOKEN")).upload_folder(folder_path=str(out), repo_id=args.push_to_hub)
     print(f"raysft: exported to {out}")
     return 0

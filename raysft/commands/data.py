@@ -7,7 +7,7 @@
         The full stats pass a training run starts with (local Ray), printed per source and written
         to DIR/stats.json and DIR/mixture.png.
 
-The config is composed exactly as training composes it (``raysft.cli.compose``).
+The config is composed exactly as training composes it (``raysft.config.compose``).
 Exit codes: 0 ok, 1 data could not be read, 2 bad usage or config, 3 too many malformed rows.
 """
 
@@ -20,8 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 
-from raysft.launch.report import write_command_output
+from raysft import plots
+from raysft.commands.output import write_command_output
+from raysft.config import compose
+from raysft.data.pipeline import DataQualityError, PrepareUnit, build_spec
+from raysft.data.render import IGNORE_INDEX, format_masked
+from raysft.data.sources import DataSourceError
+from raysft.run.driver import init_ray, prepare_data
+from raysft.train.model import tokenizer_path
 
 USAGE = ("usage: raysft data preview [--rows N] [--no-color] [overrides...]\n"
          "       raysft data stats [--out DIR] [overrides...]")
@@ -50,14 +58,12 @@ def dispatch(argv: list[str]) -> int:
         print(USAGE)
         return 0
     try:
-        cfg = _compose(overrides)
+        cfg = compose(overrides)
     except Exception as e:  # noqa: BLE001 - any composition failure is a config/usage error
         msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
         if e.__cause__ is not None and str(e.__cause__) not in msg:
             msg += f"\n  caused by: {str(e.__cause__).splitlines()[0]}"
         return _usage_error(msg)
-
-    from raysft.data.sources import DataSourceError
 
     try:
         if action == "preview":
@@ -112,27 +118,12 @@ def _parse(args: list[str], spec: dict[str, type]) -> tuple[dict[str, Any], list
     return opts, overrides
 
 
-def _compose(overrides: list[str]):
-    from raysft.cli import compose
-
-    return compose(overrides)
-
-
-def _tokenizer_path(cfg) -> str:
-    from raysft.train.model import tokenizer_path
-
-    return tokenizer_path(cfg.model)
-
-
 # ----------------------------------------------------------------------------- preview
 
 
 def preview(cfg, *, rows: int = 3, color: bool = False) -> int:
-    from raysft.data.pipeline import PrepareUnit, build_spec
-    from raysft.data.render import IGNORE_INDEX, format_masked
-
     data = cfg.data
-    spec = build_spec(data, _tokenizer_path(cfg))
+    spec = build_spec(data, tokenizer_path(cfg.model))
     units = spec.unit_plan().units("train")
     print(f"raysft data preview: {len(spec.sources)} source(s) ({', '.join(spec.source_names)}); "
           f"{spec.plan.num_train:,} train rows in {len(units)} unit(s); max_length {data.max_length}, "
@@ -202,11 +193,6 @@ def _where(source, row: int) -> str:
 
 
 def stats(cfg, *, out: str | None = None) -> int:
-    import ray
-
-    from raysft.data.pipeline import DataQualityError
-    from raysft.launch.driver import init_ray, prepare_data
-
     started = not ray.is_initialized()
     init_ray(cfg)
     try:
@@ -221,7 +207,7 @@ def stats(cfg, *, out: str | None = None) -> int:
 
     report = stats_report(st)
     print_stats(report)
-    write_command_output(out, "data-stats", "stats.json", report, plot_mixture)
+    write_command_output(out, "data-stats", "stats.json", report, plots.data_shares)
     return 0
 
 
@@ -263,31 +249,3 @@ def print_stats(report: dict[str, Any]) -> None:
     ev = report["eval_totals"]
     print(f"eval: {report['eval_packed_rows']:,} packed rows ({ev['kept']:,} rows kept of {ev['selected']:,} selected, "
           f"{ev['tokens']:,} tokens); template date {report['date']}")
-
-
-def plot_mixture(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(report["shares"])
-    trained = [report["shares"][n]["trained_tokens"] * 100 for n in names]
-    tokens = [report["shares"][n]["tokens"] * 100 for n in names]
-    y = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.55 * len(names)))
-    ax.barh(y - 0.2, trained, height=0.4, label="trained tokens")
-    ax.barh(y + 0.2, tokens, height=0.4, label="all tokens")
-    for yy, a, b in zip(y, trained, tokens):
-        ax.text(a, yy - 0.2, f" {a:.1f}%", va="center", fontsize=8)
-        ax.text(b, yy + 0.2, f" {b:.1f}%", va="center", fontsize=8)
-    ax.set_yticks(y, names)
-    ax.invert_yaxis()
-    ax.set_xlabel("share of the mixture (%)")
-    ax.set_xlim(0, max(trained + tokens + [1]) * 1.15)
-    ax.set_title(f"data mixture: {report['train_packed_rows']:,} packed rows x {report['max_length']} tokens, "
-                 f"efficiency {report['packing_efficiency']:.1%}", fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -1,0 +1,96 @@
+"""Schema of the infrastructure groups: `scaling` (Ray Train), `storage`, `deepspeed` and `peft`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+from raysft.config.checks import check_choice as _check_choice
+
+
+@dataclass
+class ScalingConfig:
+    """Maps to ``ray.train.ScalingConfig`` (same names)."""
+
+    num_workers: int = 2
+    """Training workers (one per GPU). With ``min_workers`` set, the most an elastic run uses."""
+    min_workers: Optional[int] = None
+    """Elastic training: Ray Train runs with any number of workers in [min_workers, num_workers]
+    and resizes the group (restarting from the latest checkpoint) as nodes come and go. The global
+    batch stays num_workers x batch x accumulation: accumulation is re-derived for the live group.
+    DDP only (ZeRO-3 shards are per rank)."""
+    elastic_resize_interval_s: float = 60.0
+    """Elastic runs: how often Ray Train checks whether more workers fit (then it restarts the group,
+    bigger, from the latest checkpoint)."""
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    accelerator_type: Optional[str] = None
+    """e.g. ``H100``: Ray only places workers on nodes of that type (the autoscaler starts them)."""
+    memory_per_worker_gb: Optional[float] = None
+    placement_strategy: str = "PACK"
+    address: Optional[str] = None
+    """Ray cluster address; None = ``RAY_ADDRESS`` if set, else an in-process local Ray."""
+    local_num_cpus: Optional[int] = None
+    """Logical CPUs of the in-process local Ray. None = workers' CPUs + 2 so Ray Data never starves
+    (Ray schedules by logical CPUs: with exactly 2 on a 2-core box two workers leave data 0 CPU)."""
+    data_cpus_per_task: float = 0.5
+    """CPUs reserved by each data preparation task (fractional, so it can share a core with workers)."""
+    data_concurrency: int = 1
+    """Data preparation actors per dataset (more on clusters with CPU nodes). The output is the same."""
+    max_failures: int = 0
+    """Ray Train restarts the worker group this many times after a failure, resuming from the
+    latest checkpoint (``ray.train.FailureConfig``); -1 = forever."""
+    data_timeout_s: float = 1800.0
+    """A worker waiting this long for its next batch fails the run with a message instead of hanging."""
+
+    def validate(self) -> None:
+        if self.num_workers <= 0:
+            raise ValueError(f"scaling.num_workers must be > 0, got {self.num_workers}")
+        if self.min_workers is not None and not 0 < self.min_workers <= self.num_workers:
+            raise ValueError(f"scaling.min_workers must be in [1, num_workers={self.num_workers}], got {self.min_workers}")
+        _check_choice("scaling.placement_strategy", self.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+
+
+@dataclass
+class StorageConfig:
+    path: str = "runs"
+    """Where runs go: a local directory (relative to the launch directory) or ``s3://bucket/prefix``.
+    Endpoint, region and credentials come from the environment (AWS_*), never from the config."""
+    name: Optional[str] = None
+    """Run name; None = ``<model>-<data>-<timestamp>``. Re-using a name resumes that run."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    enabled: bool = False
+    stage: int = 3
+    zero3_init: bool = True
+    save_16bit_model: bool = True
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Merged into the generated DeepSpeed JSON config."""
+
+    def validate(self) -> None:
+        _check_choice("deepspeed.stage", self.stage, (0, 1, 2, 3))
+
+
+@dataclass
+class PeftConfig:
+    enabled: bool = False
+    method: str = "lora"
+    """``lora`` or ``qlora`` (4-bit base weights through bitsandbytes; GPUs)."""
+    r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: Any = "all-linear"
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+
+    def validate(self) -> None:
+        _check_choice("peft.method", self.method, ("lora", "qlora"))

@@ -1,0 +1,39 @@
+"""Schema of `plan`: knobs of `raysft plan` only (training ignores them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+from raysft.config.checks import check_choice as _check_choice
+
+
+@dataclass
+class PlanConfig:
+    """Knobs of ``raysft plan`` (run size, memory, time and cost, computed before anything trains).
+    Training ignores them."""
+
+    tokens_per_s_per_gpu: Optional[float] = None
+    """Training throughput per GPU (or per CPU worker) for the wall-time estimate, in processed tokens
+    (padding included). None = derived on GPUs: the MFU of SmolLM3's published pretraining run
+    (11.2T tokens on 384 H100s in 24 days = 14.1k tokens/s/GPU for 3.08B params, i.e. 26% of the
+    H100's 989 dense bf16 TFLOP/s counting 6 FLOPs/param/token) held constant for this model's FLOPs
+    per token (attention and gradient-checkpointing recompute included) and this GPU's peak.
+    See ``raysft/launch/estimates.py``. Set your measured figure (runs log tokens/s) to sharpen it."""
+    usd_per_gpu_hour: Optional[float] = None
+    """Price of one GPU-hour for the cost estimate. None = a rough on-demand list price for
+    ``scaling.accelerator_type`` (table in ``raysft/launch/estimates.py``)."""
+    global_batch_rows: Optional[int] = None
+    """Packed rows per optimizer step the config must reproduce (workers x per-device batch x
+    accumulation); ``raysft plan`` refuses a config that does not (the SmolLM3 recipes: 128).
+    None = not checked."""
+
+    def validate(self) -> None:
+        if self.tokens_per_s_per_gpu is not None and not self.tokens_per_s_per_gpu > 0:
+            raise ValueError(f"plan.tokens_per_s_per_gpu must be > 0, got {self.tokens_per_s_per_gpu}")
+        if self.usd_per_gpu_hour is not None and self.usd_per_gpu_hour < 0:
+            raise ValueError(f"plan.usd_per_gpu_hour must be >= 0, got {self.usd_per_gpu_hour}")
+        if self.global_batch_rows is not None and self.global_batch_rows <= 0:
+            raise ValueError(f"plan.global_batch_rows must be > 0, got {self.global_batch_rows}")

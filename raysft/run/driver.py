@@ -1,0 +1,177 @@
+"""The driver: composed config -> Ray -> data plan and stats -> TorchTrainer -> run directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import ray.train
+import yaml
+from ray.train import CheckpointConfig, FailureConfig, RunConfig
+from ray.train import ScalingConfig as RayScalingConfig
+from ray.train.torch import TorchTrainer
+
+from raysft.config import RaySFTConfig, derived, to_plain
+from raysft.config.derived import Derived
+from raysft.config.secrets import redact
+from raysft.data.pipeline import DataSpec, DataStats, build_dataset, build_spec, collect_stats
+from raysft.data.stream import RowDealer
+from raysft.run import summary as summaries
+from raysft.storage import checkpoints as ckpts
+from raysft.storage import files
+from raysft.storage.rundir import RunDir, Storage
+from raysft.train import model as models
+from raysft.train.worker import LoopConfig, check_world_size, train_loop
+
+log = logging.getLogger("raysft")
+
+EVAL_MATERIALIZE_MAX_TOKENS = 200_000_000  # ~2.4 GB of packed int32/int16 columns
+
+
+@dataclass
+class RunResult:
+    run_uri: str
+    max_steps: int
+    stats: DataStats
+    metrics: dict[str, Any]
+
+
+def init_ray(cfg: RaySFTConfig, *, num_cpus: int | None = None, dashboard: bool = True) -> None:
+    """Connect to a cluster (``scaling.address`` or ``RAY_ADDRESS``) or start Ray in-process with
+    ``num_cpus`` logical CPUs (default ``derived.local_ray_cpus``), with the dashboard if ``dashboard``."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = cfg.scaling.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # NOTE: the dashboard is on by default: Ray Train V2's PlacementGroupCleaner asks the State API
+    # whether the controller is alive and, when the answer comes back empty (no dashboard, or an
+    # overloaded one), removes the workers' placement group and kills a healthy run (seen here).
+    ray.init(num_cpus=num_cpus or derived.local_ray_cpus(cfg), include_dashboard=dashboard, dashboard_host="127.0.0.1",
+             object_store_memory=512 << 20,
+             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}})
+
+
+def prepare_data(cfg: RaySFTConfig) -> tuple[DataSpec, DataStats]:
+    """The data plan and its stats pass (every row read, rendered and packed once; counts only)."""
+    spec = build_spec(cfg.data, models.tokenizer_path(cfg.model), epochs=max(1, math.ceil(cfg.trainer.num_train_epochs)))
+    stats = collect_stats(spec, **derived.data_resources(cfg.scaling))
+    return spec, stats
+
+
+def print_data_summary(stats: DataStats) -> None:
+    for name, st in stats.sources.items():
+        bad = sum(st["bad"].values())
+        print(f"  source {name}: {st['kept']:,} rows kept of {st['selected']:,} selected, {st['tokens']:,} tokens "
+              f"({st['trained_tokens']:,} trained), truncated {st['truncated']}, dropped {st['dropped_too_long']}, bad {bad}")
+    print(f"  packed: {stats.train_packed_rows:,} train rows x {stats.max_length} tokens, efficiency "
+          f"{stats.packing_efficiency:.1%}; {stats.eval_packed_rows:,} eval rows; template date {stats.date}")
+
+
+def write_config(run: RunDir, cfg: RaySFTConfig, d: Derived) -> None:
+    """The run's ``config.yaml``: the composed config as the user gave it (secrets redacted), then the
+    values derived from it."""
+    body = {**redact(to_plain(cfg)), "derived": d.to_dict()}
+    files.write_bytes(run.file(RunDir.CONFIG), yaml.safe_dump(body, sort_keys=False).encode())
+
+
+def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | None = None) -> RunResult:
+    """One training run. ``callbacks``: extra Ray Train callbacks for the TorchTrainer's RunConfig
+    (a sweep trial passes the one that reports to Ray Tune). ``ray_cpus``: logical CPUs of an
+    in-process local Ray, when the caller sizes it (a sweep)."""
+    if cfg.model.init == "pretrained":
+        models.check_available(cfg.model)  # fail before Ray starts
+    storage = Storage.at(cfg.storage.path)
+    name, init_checkpoint = storage.resolve_resume(cfg.resume, cfg.storage.name)
+    name = name or derived.default_run_name(cfg)
+    rundir = storage.run(name)
+    print(f"raysft: run {name} -> {rundir.uri}", flush=True)
+    resume_from = rundir.latest_checkpoint() or (ckpts.inspect(init_checkpoint) if init_checkpoint else None)
+    if resume_from:
+        check_world_size(resume_from.world_size, cfg.scaling.num_workers, cfg, resume_from.uri)  # fail before Ray starts
+        print(f"raysft: resuming from step {resume_from.step} ({resume_from.uri})", flush=True)
+    init_ray(cfg, num_cpus=ray_cpus)
+
+    spec, stats = prepare_data(cfg)
+    print_data_summary(stats)
+    d = derived.derive(cfg, run_name=name, date=spec.date, train_packed_rows=stats.train_packed_rows)
+    t = cfg.trainer
+    print(f"raysft: {cfg.scaling.num_workers} workers x {t.per_device_train_batch_size} rows x "
+          f"{t.gradient_accumulation_steps} accumulation = {d.global_batch_rows} "
+          f"rows/step ({cfg.data.max_length} tokens each) => {d.max_steps} optimizer steps", flush=True)
+    write_config(rundir, cfg, d)
+    files.write_bytes(rundir.file(RunDir.DATA_STATS), json.dumps(stats.to_json(), indent=1).encode())
+
+    data_kw = derived.data_resources(cfg.scaling)
+    # The train rows are dealt by one actor in a fixed global order (exact resume, see data/stream.py);
+    # the eval split goes through Ray Train's own split (its order does not matter).
+    dealer = ray.remote(RowDealer).options(num_cpus=0, max_concurrency=cfg.scaling.num_workers + 4).remote(spec, **data_kw)
+    datasets = {}
+    has_eval = stats.eval_packed_rows >= cfg.scaling.num_workers
+    if has_eval:
+        eval_ds = build_dataset(spec, "eval", **data_kw)
+        # A small eval split is prepared once and kept in the object store: otherwise every
+        # evaluation re-runs the pipeline (actor start-up, tokenizer load) for a handful of rows.
+        if stats.eval_packed_rows * cfg.data.max_length <= EVAL_MATERIALIZE_MAX_TOKENS:
+            eval_ds = eval_ds.materialize()
+        datasets["eval"] = eval_ds
+    loop = LoopConfig(cfg=to_plain(cfg), run_root=rundir.root, run_name=name, max_steps=d.max_steps,
+                      source_names=spec.source_names, has_eval=has_eval, dealer=dealer, save_steps=d.save_steps,
+                      init_checkpoint=init_checkpoint)
+    storage_path, storage_fs = rundir.ray_storage()
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop.to_dict(),
+        scaling_config=scaling_config(cfg),
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
+                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                             worker_runtime_env={"env_vars": files.forwarded_env()}, callbacks=callbacks,
+                             checkpoint_config=checkpoint_config(cfg)),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+    )
+    started = time.perf_counter()
+    try:
+        result = trainer.fit()
+    finally:
+        ray.kill(dealer)
+    kept = {c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in (result.best_checkpoints or [])}
+    if result.checkpoint:
+        kept.add(result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
+    for uri in rundir.prune(kept):
+        print(f"raysft: removed checkpoint {uri} (not kept by Ray Train: an orphan or an incomplete upload)", flush=True)
+    summary = summaries.summarize(rundir, time.perf_counter() - started)
+    print(f"raysft: {summary['steps']} steps, {summary['tokens']:,.0f} tokens in {summary['wall_time_s']:.0f} s "
+          f"({summary['tokens_per_s']} tokens/s); train loss {summary['first_train_loss']} -> "
+          f"{summary['final_train_loss']}, eval loss {summary['final_eval_loss']}", flush=True)
+    print(f"raysft: done. Run directory: {rundir.uri}", flush=True)
+    return RunResult(rundir.uri, d.max_steps, stats, dict(result.metrics or {}))
+
+
+def checkpoint_config(cfg: RaySFTConfig) -> CheckpointConfig:
+    t = cfg.trainer
+    if t.metric_for_best_model:
+        return CheckpointConfig(num_to_keep=t.save_total_limit, checkpoint_score_attribute=t.metric_for_best_model,
+                                checkpoint_score_order="max" if t.greater_is_better else "min")
+    return CheckpointConfig(num_to_keep=t.save_total_limit)
+
+
+def scaling_config(cfg: RaySFTConfig) -> RayScalingConfig:
+    s = cfg.scaling
+    resources: dict[str, float] = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    if s.memory_per_worker_gb:
+        resources["memory"] = s.memory_per_worker_gb * (1 << 30)
+    elastic = {"num_workers": (s.min_workers, s.num_workers), "elastic_resize_monitor_interval_s": s.elastic_resize_interval_s}
+    return RayScalingConfig(**(elastic if s.min_workers is not None else {"num_workers": s.num_workers}),
+                            use_gpu=s.use_gpu, resources_per_worker=resources,
+                            placement_strategy=s.placement_strategy, accelerator_type=s.accelerator_type)

@@ -1,0 +1,198 @@
+"""A run directory: ``<storage.path>/<run name>/``, local or ``s3://``. The one place that names its files.
+
+    config.yaml                the composed config (secrets redacted) plus its ``derived:`` values
+    data_stats.json            rows, tokens, drops and packing of the run's data
+    metrics.jsonl              one line per logging step / evaluation / sample generation
+    train_summary.json         what the workers report at the end of training
+    summary.json, loss.png     the driver's end-of-run summary and loss curve
+    model/                     the final model (Hugging Face format)
+    workers/rank_<r>.json      what each worker consumed and how it was wrapped
+    workers/batches_rank<r>.jsonl  per-micro-batch row hashes (``monitor.log_batch_hashes``)
+    checkpoint_<timestamp>/    Ray Train checkpoints (see ``storage/checkpoints.py``)
+
+``Storage`` is the root (``storage.path``): it lists runs and resolves ``resume=``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from raysft.storage import checkpoints as ckpts
+from raysft.storage import files
+
+
+def absolute(uri: str) -> str:
+    """A local path made absolute (runs are addressed the same from every process); remote URIs as they are."""
+    return uri if files.is_remote(uri) else os.path.abspath(uri.removeprefix("file://"))
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: str
+    """``storage.path``, absolute when local."""
+    name: str
+
+    CONFIG = "config.yaml"
+    DATA_STATS = "data_stats.json"
+    METRICS = "metrics.jsonl"
+    TRAIN_SUMMARY = "train_summary.json"
+    SUMMARY = "summary.json"
+    LOSS_PLOT = "loss.png"
+    MODEL = "model"
+    WORKERS = "workers"
+
+    @classmethod
+    def at(cls, root: str, name: str) -> "RunDir":
+        return cls(absolute(root), name)
+
+    @classmethod
+    def from_uri(cls, uri: str) -> "RunDir":
+        root, name = absolute(uri).rstrip("/").rsplit("/", 1)
+        return cls(root, name)
+
+    @property
+    def uri(self) -> str:
+        return files.join(self.root, self.name)
+
+    @property
+    def local_path(self) -> str | None:
+        """The directory on this machine's file system, or None for object storage."""
+        return None if files.is_remote(self.uri) else files.filesystem(self.uri)[1]
+
+    def file(self, name: str) -> str:
+        return files.join(self.uri, name)
+
+    def worker_record(self, rank: int) -> str:
+        return files.join(self.uri, self.WORKERS, f"rank_{rank}.json")
+
+    def batch_hashes(self, rank: int) -> str:
+        return files.join(self.uri, self.WORKERS, f"batches_rank{rank}.jsonl")
+
+    def has(self, name: str) -> bool:
+        return files.exists(self.file(name))
+
+    def ray_storage(self) -> tuple[str, pafs.FileSystem | None]:
+        """``(storage_path, storage_filesystem)`` for Ray Train's RunConfig: Ray stores through the
+        same pyarrow filesystem as our own files (S3 endpoint included)."""
+        if files.is_remote(self.root):
+            fs, path = files.filesystem(self.root)
+            return path, fs
+        return self.root, None
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoints(self) -> list[ckpts.CheckpointInfo]:
+        """Every ``checkpoint_*`` folder, oldest first, each checked against its manifests."""
+        return ckpts.scan(self.uri)
+
+    def latest_checkpoint(self, found: list[ckpts.CheckpointInfo] | None = None) -> ckpts.CheckpointInfo | None:
+        return ckpts.latest_complete(self.uri, found)
+
+    def remove_incomplete(self, found: list[ckpts.CheckpointInfo] | None = None) -> list[str]:
+        return ckpts.remove_incomplete(self.uri, found)
+
+    def prune(self, keep: set[str]) -> list[str]:
+        """Delete checkpoint folders whose names are not in ``keep`` (what Ray Train kept)."""
+        return ckpts.prune(self.uri, keep)
+
+
+@dataclass(frozen=True)
+class Storage:
+    """``storage.path``: the folder that holds runs (and sweeps)."""
+
+    root: str
+
+    @classmethod
+    def at(cls, root: str) -> "Storage":
+        return cls(absolute(root))
+
+    def run(self, name: str) -> RunDir:
+        return RunDir(self.root, name)
+
+    def child(self, name: str) -> str:
+        return files.join(self.root, name)
+
+    def latest_run(self) -> str | None:
+        """The run whose newest complete checkpoint is the most recent (Ray names checkpoint folders
+        by timestamp)."""
+        fs, path = files.filesystem(self.root)
+        best: tuple[str, str] | None = None
+        for e in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+            if e.type != pafs.FileType.Directory:
+                continue
+            done = [c for c in self.run(e.base_name).checkpoints() if c.complete]
+            if done and (best is None or done[-1].uri.rsplit("/", 1)[-1] > best[0]):
+                best = (done[-1].uri.rsplit("/", 1)[-1], e.base_name)
+        return best[1] if best else None
+
+    def resolve_resume(self, resume: str | None, name: str | None) -> tuple[str | None, str | None]:
+        """(run name, checkpoint URI to start from) for ``resume=`` (see ``RaySFTConfig.resume``).
+        A None name means "a new run": the caller names it."""
+        if resume is None:
+            return name, None
+        if resume == "latest":
+            if name:
+                if self.run(name).latest_checkpoint() is None:
+                    raise ValueError(f"resume=latest: run {name!r} under {self.root} has no complete checkpoint "
+                                     "to continue from")
+                return name, None
+            found = self.latest_run()
+            if found is None:
+                raise ValueError(f"resume=latest: no run under {self.root} has a complete checkpoint")
+            return found, None
+        return name, ckpts.resolve(absolute(resume)).uri
+
+
+@dataclass(frozen=True)
+class SweepDir:
+    """A sweep's directory, ``<storage.path>/<sweep.name>/``: Tune's experiment state plus
+
+        raysft_sweep.json   what identifies the sweep (a resume with other settings is refused)
+        trials.csv          one row per trial
+        trials.png          the metric against the optimizer step, one line per trial
+        best_overrides.txt  the best trial's overrides, one per line
+        best.yaml           the best trial's complete config, as a Hydra primary config
+
+    Trial ``<id>`` trains as the run ``<sweep.name>-trial-<id>`` beside it."""
+
+    root: str
+    name: str
+
+    SPEC = "raysft_sweep.json"
+    TRIALS_CSV = "trials.csv"
+    TRIALS_PLOT = "trials.png"
+    BEST_OVERRIDES = "best_overrides.txt"
+    BEST_CONFIG = "best.yaml"
+
+    @classmethod
+    def at(cls, root: str, name: str) -> "SweepDir":
+        return cls(absolute(root), name)
+
+    @property
+    def uri(self) -> str:
+        return files.join(self.root, self.name)
+
+    def file(self, name: str) -> str:
+        return files.join(self.uri, name)
+
+    def trial_run_name(self, trial_id: str) -> str:
+        return f"{self.name}-trial-{trial_id}"
+
+    def trial_run(self, trial_id: str) -> RunDir:
+        return RunDir(self.root, self.trial_run_name(trial_id))
+
+    def tune_storage(self) -> tuple[str, dict[str, Any]]:
+        """(Tune's ``storage_path``, its ``storage_filesystem`` keyword) for this sweep's root."""
+        if files.is_remote(self.root):
+            fs, path = files.filesystem(self.root)
+            return path, {"storage_filesystem": fs}
+        return self.root, {}
+
+    def tune_path(self) -> tuple[str, dict[str, Any]]:
+        """The experiment folder as Tune's restore / ExperimentAnalysis want it."""
+        path, kw = self.tune_storage()
+        return files.join(path, self.name), kw
