@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raysft.data.sources import DataSourceError, SourceFile, line_offsets, read_rows, resolve_files
+from raysft.data.readers import line_offsets
+from raysft.data.sources import DataSourceError, SourceFile, read_rows, resolve_files
 from raysft.data.validate import ColumnMap, RowError, normalize
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
-
-from omegaconf import MISSING
-
-from raysft.config.checks import check_choice as _check_choice
+from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 
-from raysft.config.data import VALID_STRATEGIES, normalize_strategy
+from raysft.config.data import normalize_strategy
 
 logger = logging.getLogger(__name__)
 
