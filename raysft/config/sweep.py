@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -98,8 +99,6 @@ class SweepConfig:
         if not 0 < self.trial_cpus:
             raise ValueError(f"sweep.trial_cpus must be > 0 (Tune cannot place a zero-resource trial), got {self.trial_cpus}")
         if self.search_alg == "optuna":
-            import importlib.util
-
             if importlib.util.find_spec("optuna") is None:
                 raise ValueError("sweep.search_alg=optuna needs optuna: pip install 'raysft[sweep]' (or use sweep.search_alg=random)")
             grids = [k for k, d in self.space.items() if d.type == "grid"]

@@ -14,11 +14,13 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
+import ray.data
 
 from raysft import assets
 from raysft.config import DataConfig, derived
@@ -114,9 +116,8 @@ def load_fast_tokenizer(path: str):
 
     NOTE: ``AutoTokenizer`` imports torch (~3 s of CPU per data actor here); every data actor loads
     a tokenizer, so a local ``tokenizer.json`` is loaded through ``PreTrainedTokenizerFast``, which is
-    what rendering needs (a fast backend with offsets). Anything else goes through ``AutoTokenizer``."""
-    import os
-
+    what rendering needs (a fast backend with offsets). Anything else goes through ``AutoTokenizer``.
+    Both are imported here, on use, for that reason."""
     if os.path.exists(os.path.join(path, "tokenizer.json")):
         from transformers import PreTrainedTokenizerFast
 
@@ -266,8 +267,6 @@ def build_dataset(spec: DataSpec, split: str = "train", mode: str = "rows", *, d
 
     ``start_unit``/``skip_rows``: begin the stream at that unit, without its first ``skip_rows``
     packed rows (a resumed run's data cursor); the rows after it are the same as in a full pass."""
-    import ray.data
-
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic row order, whatever the CPU count
     ctx.enable_progress_bars = False

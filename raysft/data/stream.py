@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from raysft.data.pipeline import build_dataset
+
 ROW_COLUMNS = ("input_ids", "labels", "position_ids", "source_ids")
 
 
@@ -82,8 +84,6 @@ class RowDealer:
             return self.session
 
     def _open(self, start_unit: int, skip_rows: int) -> None:
-        from raysft.data.pipeline import build_dataset
-
         ds = build_dataset(self.spec, "train", start_unit=start_unit, skip_rows=skip_rows, **self.data_kw)
         self.rows_this_pass = 0
         self.it = iter(()) if ds is None else iter(ds.iter_batches(batch_size=None, batch_format="numpy",

@@ -11,7 +11,10 @@ import os
 import tempfile
 from pathlib import Path
 
+import boto3
 import pyarrow.fs as pafs
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from botocore.config import Config
 
 
 def is_remote(uri: str) -> bool:
@@ -84,10 +87,6 @@ def _upload_dir_s3(local_dir: Path, uri: str) -> None:
 
     NOTE: not pyarrow: its S3 uploads must run single-threaded (see upload_dir), which measured 2.5x
     slower than this on a 1.2 GB checkpoint (bench/checkpoint.py). Same credentials chain (AWS_*)."""
-    import boto3
-    from boto3.s3.transfer import TransferConfig, create_transfer_manager
-    from botocore.config import Config
-
     bucket, _, prefix = uri[len("s3://"):].partition("/")
     client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
                           config=Config(max_pool_connections=24))

@@ -31,11 +31,26 @@ def absolute(uri: str) -> str:
 
 
 @dataclass(frozen=True)
-class RunDir:
+class _NamedDir:
+    """``<root>/<name>`` in storage; ``root`` is ``storage.path``, absolute when local."""
+
     root: str
-    """``storage.path``, absolute when local."""
     name: str
 
+    @classmethod
+    def at(cls, root: str, name: str):
+        return cls(absolute(root), name)
+
+    @property
+    def uri(self) -> str:
+        return files.join(self.root, self.name)
+
+    def file(self, name: str) -> str:
+        return files.join(self.uri, name)
+
+
+@dataclass(frozen=True)
+class RunDir(_NamedDir):
     CONFIG = "config.yaml"
     DATA_STATS = "data_stats.json"
     METRICS = "metrics.jsonl"
@@ -46,25 +61,14 @@ class RunDir:
     WORKERS = "workers"
 
     @classmethod
-    def at(cls, root: str, name: str) -> "RunDir":
-        return cls(absolute(root), name)
-
-    @classmethod
     def from_uri(cls, uri: str) -> "RunDir":
         root, name = absolute(uri).rstrip("/").rsplit("/", 1)
         return cls(root, name)
 
     @property
-    def uri(self) -> str:
-        return files.join(self.root, self.name)
-
-    @property
     def local_path(self) -> str | None:
         """The directory on this machine's file system, or None for object storage."""
         return None if files.is_remote(self.uri) else files.filesystem(self.uri)[1]
-
-    def file(self, name: str) -> str:
-        return files.join(self.uri, name)
 
     def worker_record(self, rank: int) -> str:
         return files.join(self.uri, self.WORKERS, f"rank_{rank}.json")
@@ -148,7 +152,7 @@ class Storage:
 
 
 @dataclass(frozen=True)
-class SweepDir:
+class SweepDir(_NamedDir):
     """A sweep's directory, ``<storage.path>/<sweep.name>/``: Tune's experiment state plus
 
         raysft_sweep.json   what identifies the sweep (a resume with other settings is refused)
@@ -159,25 +163,11 @@ class SweepDir:
 
     Trial ``<id>`` trains as the run ``<sweep.name>-trial-<id>`` beside it."""
 
-    root: str
-    name: str
-
     SPEC = "raysft_sweep.json"
     TRIALS_CSV = "trials.csv"
     TRIALS_PLOT = "trials.png"
     BEST_OVERRIDES = "best_overrides.txt"
     BEST_CONFIG = "best.yaml"
-
-    @classmethod
-    def at(cls, root: str, name: str) -> "SweepDir":
-        return cls(absolute(root), name)
-
-    @property
-    def uri(self) -> str:
-        return files.join(self.root, self.name)
-
-    def file(self, name: str) -> str:
-        return files.join(self.uri, name)
 
     def trial_run_name(self, trial_id: str) -> str:
         return f"{self.name}-trial-{trial_id}"

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray.train
+import torch
 from transformers import TrainerCallback
 
 # Keys the HF Trainer / TRL log that we rename to stable names in metrics.jsonl.
@@ -47,8 +49,6 @@ class MetricsCallback(TrainerCallback):
                 record["mfu"] = rate / self.world_size * self.flops_per_token / self.peak
             self._last_tokens, self._last_t = tokens, now
         if self.report_to_ray:
-            import ray.train
-
             ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
         if not state.is_world_process_zero:
             return
@@ -98,8 +98,6 @@ class SampleCallback(TrainerCallback):
     def _generate(self, args, state, model) -> None:
         if not self.prompts or model is None:
             return
-        import torch
-
         was_training = model.training
         model.eval()
         out = []
@@ -123,6 +121,7 @@ class SampleCallback(TrainerCallback):
 
 
 def _to_trackers(args, state, samples: list[dict[str, str]]) -> None:
+    # The trackers are optional extras (`raysft[trackers]`): imported only when the run reports to them.
     reports = set(args.report_to or [])
     table = "\n".join(f"{s['prompt']!r} -> {s['completion']!r}" for s in samples)
     if "wandb" in reports:
