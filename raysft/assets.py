@@ -25,11 +25,19 @@ def resolve(path: str | None) -> str | None:
     return str(full)
 
 
+def is_inline_template(spec: str) -> bool:
+    """Template text rather than a name or a path: it holds Jinja markup, which no path does."""
+    return "{{" in spec or "{%" in spec
+
+
 def load_chat_template(spec: str | None) -> str | None:
-    """None -> None (use the tokenizer's); ``sft`` / ``mid`` -> the recipe templates; else a file path."""
+    """None -> None (use the tokenizer's); ``sft`` / ``mid`` -> the recipe templates; template text
+    (inline, as TRL recipe files carry it) -> itself; else a file path."""
     if spec is None:
         return None
+    if is_inline_template(spec):
+        return spec
     path = TEMPLATES.get(spec) or Path(resolve(spec))
     if not path.exists():
-        raise FileNotFoundError(f"data.chat_template={spec!r}: no such file; use 'sft', 'mid', a .jinja path, or null for the tokenizer's template")
+        raise FileNotFoundError(f"data.chat_template={spec!r}: no such file; use 'sft', 'mid', a .jinja path, the template text, or null for the tokenizer's template")
     return path.read_text()

@@ -75,7 +75,8 @@ def test_stats_writes_consistent_json_and_png(ray_cluster, tmp_path, capsys):
     for name, s in st["sources"].items():
         assert name in out
         # the default mixture has no weight > 1, so every selected row is accounted for exactly once
-        assert s["kept"] + s["dropped_too_long"] + sum(s["bad"].values()) == s["selected"] > 0, name
+        assert (s["kept"] + s["dropped_too_long"] + sum(s["bad"].values()) + sum(s["duplicates"].values())
+                == s["selected"] > 0), name
         assert 0 < s["trained_tokens"] < s["tokens"]
         assert s["truncated"] <= s["kept"]
     tot = st["totals"]

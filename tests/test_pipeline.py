@@ -480,7 +480,9 @@ def test_bad_rows_are_counted_per_reason(runs):
     # dropped and counted apart (dropped_too_long), not as a malformed row.
     assert rejected.pop("too_long") == 1
     assert st["dropped_too_long"] == 1 and st["truncated"] == 0
-    assert st["bad"] == dict(rejected)
+    # Duplicates are skipped and reported as duplicates, not as malformed rows.
+    assert st["duplicates"] == {r: n for r, n in rejected.items() if r.startswith("duplicate")} == {"duplicate_id": 2}
+    assert st["bad"] == {r: n for r, n in rejected.items() if not r.startswith("duplicate")}
     assert st["selected"] == len(cases) == 28
     assert st["kept"] == sum(c["keep"] for c in cases) == 2
     assert stats.train_packed_rows == 1 and st["tokens"] == stats.train_packed_tokens
@@ -502,7 +504,7 @@ def test_bad_rows_abort_with_a_data_quality_error(runs, specs, ray_cluster):
     assert type(err) is DataQualityError and not isinstance(err, ray_cluster.exceptions.RayError)
     # Raised by our check on the driver after the pass, not re-raised out of a Ray worker.
     assert info.traceback[-1].name == "check_quality"
-    assert Path(str(info.traceback[-1].path)).name == "pipeline.py"
+    assert Path(str(info.traceback[-1].path)).name == "stats.py"
     assert not any("/ray/" in str(entry.path) for entry in info.traceback)
     msg = str(err)
     # 25 rejected rows, minus the 2 duplicates (skipped and reported, but not malformed).

@@ -4,8 +4,11 @@
         The first N rendered training examples of the first unit, masked tokens marked, then the
         first packed row. Pure modules only: no Ray.
     raysft data stats [--out DIR] [overrides...]
-        The full stats pass a training run starts with (local Ray), printed per source and written
-        to DIR/stats.json and DIR/mixture.png.
+        A full stats pass (local Ray; nothing written but the report), printed per source and
+        written to DIR/stats.json and DIR/mixture.png.
+    raysft data prepare [overrides...]
+        Tokenise and pack the data once into <storage.path>/prepared/<fingerprint>/ (what a run
+        does first when no complete set with its fingerprint exists); prints where it is.
 
 The config is composed exactly as training composes it (``raysft.config.compose``).
 Exit codes: 0 ok, 1 data could not be read, 2 bad usage or config, 3 too many malformed rows.
@@ -27,11 +30,13 @@ from raysft.config import compose
 from raysft.data.pipeline import DataQualityError, PrepareUnit, build_spec
 from raysft.data.render import IGNORE_INDEX, format_masked
 from raysft.data.sources import DataSourceError
-from raysft.run.driver import init_ray, prepare_data
+from raysft.data.prepared import describe as describe_prepared
+from raysft.run.driver import count_data, init_ray, prepare_data
 from raysft.train.model import tokenizer_path
 
 USAGE = ("usage: raysft data preview [--rows N] [--no-color] [overrides...]\n"
-         "       raysft data stats [--out DIR] [overrides...]")
+         "       raysft data stats [--out DIR] [overrides...]\n"
+         "       raysft data prepare [overrides...]")
 
 
 class UsageError(ValueError):
@@ -44,13 +49,13 @@ def dispatch(argv: list[str]) -> int:
         print(USAGE)
         return 0
     if len(argv) < 2 or argv[0] != "data":
-        return _usage_error(f"expected 'data preview' or 'data stats', got {' '.join(argv) or 'nothing'}")
+        return _usage_error(f"expected 'data preview', 'data stats' or 'data prepare', got {' '.join(argv) or 'nothing'}")
     action, rest = argv[1], argv[2:]
-    if action not in ("preview", "stats"):
+    if action not in ("preview", "stats", "prepare"):
         return _usage_error(f"unknown command 'data {action}'")
     try:
         opts, overrides = _parse(rest, {"preview": {"--rows": int, "--no-color": bool},
-                                        "stats": {"--out": str}}[action])
+                                        "stats": {"--out": str}, "prepare": {}}[action])
     except UsageError as e:
         return _usage_error(str(e))
     if opts.get("help"):
@@ -71,6 +76,8 @@ def dispatch(argv: list[str]) -> int:
                 return _usage_error("--rows must be >= 1")
             color = sys.stdout.isatty() and not opts.get("--no-color", False)
             return preview(cfg, rows=rows, color=color)
+        if action == "prepare":
+            return prepare(cfg)
         return stats(cfg, out=opts.get("--out"))
     except (DataSourceError, FileNotFoundError) as e:
         print(f"raysft: error: {e}", file=sys.stderr)
@@ -196,7 +203,7 @@ def stats(cfg, *, out: str | None = None) -> int:
     init_ray(cfg)
     try:
         try:
-            spec, st = prepare_data(cfg)
+            spec, st = count_data(cfg)
         except DataQualityError as e:
             print(f"raysft: data quality check failed:\n{e}", file=sys.stderr)
             return 3
@@ -207,6 +214,23 @@ def stats(cfg, *, out: str | None = None) -> int:
     report = stats_report(st)
     print_stats(report)
     write_command_output(out, "data-stats", "stats.json", report, plots.data_shares)
+    return 0
+
+
+def prepare(cfg) -> int:
+    started = not ray.is_initialized()
+    init_ray(cfg)
+    try:
+        try:
+            _, prepared = prepare_data(cfg)
+        except DataQualityError as e:
+            print(f"raysft: data quality check failed (nothing marked complete):\n{e}", file=sys.stderr)
+            return 3
+    finally:
+        if started:
+            ray.shutdown()
+    print_stats(stats_report(prepared.stats()))
+    print(f"raysft: {describe_prepared(prepared)}")
     return 0
 
 

@@ -25,12 +25,27 @@ GB = 1e9  # decimal gigabytes, as GPU memory is sold ("80GB")
 # plan.usd_per_gpu_hour to your own.
 GPUS: dict[str, tuple[float, float, float]] = {
     "H100": (80.0, 989.0, 3.00),       # H100 SXM 80GB
+    "H200": (141.0, 989.0, 3.50),      # H200 SXM 141GB: the H100's compute, more and faster memory
     "A100-80G": (80.0, 312.0, 1.80),
     "A100-40G": (40.0, 312.0, 1.30),
     "A100": (40.0, 312.0, 1.30),       # Ray's plain "A100" label covers both sizes: assume the smaller
     "L4": (24.0, 121.0, 0.80),
     "A10G": (24.0, 125.0, 1.00),       # A10 datasheet figure; AWS's A10G variant may run lower clocks
 }
+
+
+
+def accelerator_type_of(device_name: str, memory_gb: float) -> str | None:
+    """Ray's ``accelerator_type`` label (a key of ``GPUS``) for a CUDA device name as
+    ``torch.cuda.get_device_name`` gives it ("NVIDIA H100 80GB HBM3"); None when not in the table."""
+    words = device_name.upper().replace("-", " ").split()
+    for label in ("H200", "H100", "A10G", "L4"):
+        if label in words:
+            return label
+    if "A100" in words:
+        return "A100-80G" if memory_gb > 50 else "A100-40G"
+    return None
+
 
 # ----------------------------------------------------------------------------- throughput reference
 

@@ -31,13 +31,14 @@ import ray
 
 from raysft import assets, plots
 from raysft.commands import estimates as est
+from raysft.commands import measured as measured_file
 from raysft.commands.output import write_command_output
 from raysft.commands.plan_report import print_plan
 from raysft.config import RaySFTConfig, compose, derived
 from raysft.data.mixture import plan_mixture
 from raysft.data.pipeline import DataQualityError
 from raysft.data.sources import DataSourceError, resolve_files
-from raysft.run.driver import init_ray, prepare_data
+from raysft.run.driver import count_data, init_ray
 
 USAGE = "usage: raysft plan [--out DIR] [overrides...]"
 
@@ -104,6 +105,15 @@ def build_plan(cfg: RaySFTConfig) -> dict[str, Any]:
                                                        config_overrides=dict(m.config_overrides))
     shape = est.ModelShape.from_config(model_config) if model_config else None
     reasons = refusals(cfg, shape, model_source)
+    measurement = None
+    if cfg.plan.throughput_file:
+        try:
+            measurement = measured_file.load(cfg.plan.throughput_file)
+        except measured_file.MeasurementError as e:
+            reasons.append(str(e))
+        if measurement and shape and measurement.params != shape.num_params:
+            reasons.append(f"plan.throughput_file measured a model of {measurement.params:,} params, this config's has "
+                           f"{shape.num_params:,}: measure this model (bench/gpu_check.py) or unset plan.throughput_file")
     if reasons:
         raise PlanRefused(reasons)
 
@@ -135,8 +145,8 @@ def build_plan(cfg: RaySFTConfig) -> dict[str, Any]:
                       "params": shape.num_params if shape else None,
                       "max_position_embeddings": shape.max_position_embeddings if shape else None},
             "data": data, "steps": steps}
-    plan["memory"] = memory_plan(cfg, shape)
-    plan["time"] = time_plan(cfg, shape, data, steps)
+    plan["memory"] = memory_plan(cfg, shape, measurement)
+    plan["time"] = time_plan(cfg, shape, data, steps, measurement)
     return plan
 
 
@@ -211,7 +221,7 @@ def exact_data(cfg: RaySFTConfig) -> dict[str, Any]:
     started = not ray.is_initialized()
     init_ray(cfg)
     try:
-        spec, stats = prepare_data(cfg)
+        spec, stats = count_data(cfg)
     finally:
         if started:
             ray.shutdown()
@@ -296,7 +306,7 @@ def _data_totals(cfg, sources, *, basis, packed, efficiency, eval_packed, notes)
 # ----------------------------------------------------------------------------- memory and time
 
 
-def memory_plan(cfg: RaySFTConfig, shape: est.ModelShape | None) -> dict[str, Any]:
+def memory_plan(cfg: RaySFTConfig, shape: est.ModelShape | None, measurement=None) -> dict[str, Any]:
     s, t, ds = cfg.scaling, cfg.trainer, cfg.deepspeed
     if shape is None:
         return {"estimate": None, "note": "model config.json not available offline: no memory estimate"}
@@ -314,6 +324,12 @@ def memory_plan(cfg: RaySFTConfig, shape: est.ModelShape | None) -> dict[str, An
                            "accelerator_type": s.accelerator_type, "gpu_memory_gb": None, "fits": None,
                            "formula": "raysft.commands.estimates.memory_per_gpu (ZeRO paper's 16 bytes/param; activations "
                                       "after Korthikanti et al. 2022)"}
+    total = mem.total
+    if measurement is not None:  # a correction only from a measurement (plan.throughput_file)
+        out["measured"] = measured_file.memory_correction(
+            measurement, mem, max_length=cfg.data.max_length, liger=cfg.model.use_liger_kernel, gpu=gpu,
+            zero_stage=ds.stage if ds.enabled else None, peft=cfg.peft.enabled)
+        total = out["measured"]["total_gb"] * est.GB if out["measured"]["applied"] else total
     if not gpu:
         out["note"] = "CPU workers: the estimate is host memory per worker; no GPU to compare with"
         return out
@@ -322,26 +338,32 @@ def memory_plan(cfg: RaySFTConfig, shape: est.ModelShape | None) -> dict[str, An
                        f"{', '.join(est.GPUS)}), not compared")
         return out
     cap = est.GPUS[s.accelerator_type][0]
-    use = mem.total / est.GB / cap
+    use = total / est.GB / cap
     out |= {"gpu_memory_gb": cap, "fraction": round(use, 3), "fits": use <= 1.0,
             "verdict": "fits" if use <= 0.9 else ("tight: within 10% of the GPU's memory" if use <= 1.0 else
                                                   "DOES NOT FIT: needs more memory than the GPU has")}
     return out
 
 
-def time_plan(cfg: RaySFTConfig, shape, data, steps) -> dict[str, Any]:
+def time_plan(cfg: RaySFTConfig, shape, data, steps, measurement=None) -> dict[str, Any]:
     s, t = cfg.scaling, cfg.trainer
     gpus = s.num_workers * (s.gpus_per_worker if s.use_gpu else 0)
     gpu_facts = est.GPUS.get(s.accelerator_type or "")
     tps, basis = cfg.plan.tokens_per_s_per_gpu, "plan.tokens_per_s_per_gpu"
-    if tps is None and s.use_gpu and gpu_facts and shape and data["token_weighted_mean_seq_len"]:
+    detail = None
+    if measurement is not None and shape is not None:
+        tps, basis, detail = measured_file.throughput(
+            measurement, shape=shape, max_length=cfg.data.max_length, liger=cfg.model.use_liger_kernel,
+            mean_seq_len=data["token_weighted_mean_seq_len"], gradient_checkpointing=t.gradient_checkpointing,
+            peft=cfg.peft.enabled, accelerator_type=s.accelerator_type if s.use_gpu else None)
+    elif tps is None and s.use_gpu and gpu_facts and shape and data["token_weighted_mean_seq_len"]:
         tps = est.derived_tokens_per_s(shape, gpu_facts[1], mean_seq_len=data["token_weighted_mean_seq_len"],
                                        gradient_checkpointing=t.gradient_checkpointing, peft=cfg.peft.enabled)
         basis = (f"derived: SmolLM3 pretraining MFU {est.REFERENCE_MFU:.1%} on {s.accelerator_type} "
                  f"({gpu_facts[1]:.0f} TFLOP/s) for this model's FLOPs/token")
     out: dict[str, Any] = {"tokens_per_s_per_gpu": round(tps) if tps else None, "throughput_basis": basis if tps else None,
                            "gpus": gpus, "processed_tokens": None, "wall_hours": None, "gpu_hours": None,
-                           "usd_per_gpu_hour": None, "cost_usd": None}
+                           "usd_per_gpu_hour": None, "cost_usd": None, "measured": detail}
     if steps["total_steps"] is None:
         out["note"] = "no step count (no token counts for the data): no time estimate"
         return out

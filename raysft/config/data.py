@@ -83,13 +83,16 @@ class MixtureConfig:
     datasets: list[SourceConfig] = field(default_factory=list)
     seed: int = 42
     test_split_size: float = 0.0
-    """Fraction of the mixed rows held out for evaluation (``train_test_split(test_size, seed)``)."""
+    """Rows held out for evaluation, as ``datasets``' ``train_test_split(test_size, seed)`` reads them:
+    a fraction in [0, 1) of the mixed rows, or a whole number >= 1 of rows (the handbook's ``1000``)."""
 
     def validate(self) -> None:
         if not self.datasets:
             raise ValueError("data.dataset_mixture.datasets is empty: list at least one source")
-        if not 0.0 <= self.test_split_size < 1.0:
-            raise ValueError(f"data.dataset_mixture.test_split_size must be in [0, 1), got {self.test_split_size}")
+        t = self.test_split_size
+        if not (0.0 <= t < 1.0 or (t >= 1 and t == int(t))):
+            raise ValueError(f"data.dataset_mixture.test_split_size must be in [0, 1) (a fraction) or a whole number "
+                             f">= 1 (a row count, as datasets.train_test_split reads an int), got {t}")
 
 
 @dataclass
@@ -103,7 +106,8 @@ class DataConfig:
     column_map: str = "default"
     """``default`` (smoltalk2 / TRL names) or ``sharegpt`` (conversations / from / value)."""
     chat_template: Optional[str] = None
-    """None = the tokenizer's template; ``mid`` / ``sft`` = the SmolLM3 recipe templates; or a .jinja path."""
+    """None = the tokenizer's template; ``mid`` / ``sft`` = the SmolLM3 recipe templates; a .jinja path; or
+    the template text itself (inline, as TRL / alignment-handbook recipe files carry it)."""
     eos_token: Optional[str] = "<|im_end|>"
     loss: str = "assistant_only"
     """``assistant_only`` (TRL assistant_only_loss), ``completion_only`` (prompt-completion) or ``all``."""
@@ -122,6 +126,14 @@ class DataConfig:
     chunks interleaved by a seeded shuffle (sequential reads; for 100 GB mixtures)."""
     max_bad_fraction: float = 0.01
     """Abort when more than this fraction of a source's selected rows is malformed."""
+    dedupe: bool = True
+    """Skip a row that repeats an earlier one of its source (same ``id``, or the same content),
+    reported as a duplicate (not as malformed). The alignment-handbook does not deduplicate:
+    ``false`` keeps every row, reproducing its rows exactly."""
+    special_tokens_in_text: str = "skip"
+    """A row whose text holds one of the tokenizer's special tokens (e.g. ``<|im_end|>`` inside a user
+    message, which the tokenizer turns into a fake turn boundary and so a wrong loss mask): ``skip``
+    it or ``keep`` it; counted and reported under its own reason either way."""
     date: Optional[str] = None
     """Date the chat template prints (``strftime_now``), ISO format. None = the run's start date, recorded."""
 
@@ -132,6 +144,7 @@ class DataConfig:
         _check_choice("data.packing_strategy", self.packing_strategy, ("bfd", "ffd", "bfd_split", "wrapped", "none"))
         _check_choice("data.overlong", self.overlong, ("truncate", "drop"))
         _check_choice("data.order", self.order, ("handbook", "streaming"))
+        _check_choice("data.special_tokens_in_text", self.special_tokens_in_text, ("skip", "keep"))
         if self.max_length <= 0:
             raise ValueError(f"data.max_length must be > 0, got {self.max_length}")
         if self.window_rows <= 0:

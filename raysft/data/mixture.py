@@ -5,7 +5,8 @@ The semantics are the alignment-handbook's ``get_dataset``, exactly, computed on
 
 1. per source: ``shuffle(seed)`` then keep the first ``int(len * weight)`` rows;
 2. concatenate the sources in config order, ``shuffle(seed)`` the whole;
-3. ``train_test_split(test_size, seed)``: the first ``ceil(test_size * n)`` rows of a seeded
+3. ``train_test_split(test_size, seed)``: the first ``ceil(test_size * n)`` rows (a fraction) or
+   ``test_size`` rows (a whole number >= 1, a row count, as ``datasets`` reads an int) of a seeded
    permutation are the eval set, the rest (in that permutation's order) the train set.
 
 ``datasets`` draws every permutation as ``np.random.default_rng(seed).permutation(n)``; so do we,
@@ -91,7 +92,7 @@ def plan_mixture(
     sources, rows = sources[order], rows[order]
 
     if test_split_size > 0:  # step 3, as datasets.Dataset.train_test_split
-        n_test = math.ceil(test_split_size * total)
+        n_test = held_out_rows(test_split_size, total)
         if n_test >= total:
             raise ValueError(f"test_split_size={test_split_size} leaves no training rows out of {total}")
         split = np.random.default_rng(seed).permutation(total)
@@ -107,6 +108,17 @@ def plan_mixture(
         kept_per_source=[len(r) for r in per_source],
         source_rows=list(source_rows),
     )
+
+
+def held_out_rows(test_split_size: float, total: int) -> int:
+    """Rows held out of ``total``, as ``datasets.Dataset.train_test_split(test_size=...)`` counts them:
+    a fraction in (0, 1) -> ``ceil(fraction * total)``; a whole number >= 1 -> that many rows (the
+    config's float field carries an int count as ``1000.0``)."""
+    if test_split_size >= 1:
+        if test_split_size != int(test_split_size):
+            raise ValueError(f"test_split_size={test_split_size}: a row count must be a whole number (a fraction is < 1)")
+        return int(test_split_size)
+    return math.ceil(test_split_size * total)
 
 
 def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:

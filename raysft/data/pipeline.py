@@ -11,12 +11,14 @@ only on the config and the seed (``preserve_order``), not on the number of CPUs.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
 import os
+import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -25,16 +27,19 @@ import ray.data
 from raysft import assets
 from raysft.config import DataConfig, derived
 from raysft.data import pack as packing
+from raysft.data import shards
 from raysft.data.mixture import MixturePlan, plan_mixture
 from raysft.data.render import ChatRenderer
 from raysft.data.sources import SourceFile, read_rows, resolve_files
+# DataQualityError and DataStats are part of this module's interface (collect_stats returns / raises them).
+from raysft.data.stats import (MAX_EXAMPLES, DataQualityError, DataStats, check_quality,  # noqa: F401
+                               merge_unit_stats, new_source_stats)
 from raysft.data.units import Unit, UnitPlan
 from raysft.data.validate import ColumnMap, DuplicateFilter, RowError, detect_format, normalize
 
 log = logging.getLogger(__name__)
 
 PACKED_COLUMNS = ("input_ids", "labels", "position_ids", "source_ids", "unit")
-MAX_EXAMPLES = 3  # bad-row examples kept per source and reason
 
 
 # ----------------------------------------------------------------------------- sources
@@ -100,12 +105,12 @@ class DataSpec:
                         seed=self.data.dataset_mixture.seed, epochs=self.epochs)
 
 
-def build_spec(data: DataConfig, tokenizer_path: str, *, epochs: int = 1) -> DataSpec:
-    """The data plan of ``data``; the template date is pinned here (``derived.template_date``)."""
+def build_spec(data: DataConfig, tokenizer_path: str, *, epochs: int = 1, date: str | None = None) -> DataSpec:
+    """The data plan of ``data``; the template date is pinned here: ``date``, else ``derived.template_date``."""
     sources = resolve_sources(data)
     mix = data.dataset_mixture
     plan = plan_mixture([s.num_rows for s in sources], [s.weight for s in sources], mix.seed, mix.test_split_size)
-    return DataSpec(data, sources, plan, tokenizer_path, derived.template_date(data), epochs)
+    return DataSpec(data, sources, plan, tokenizer_path, date or derived.template_date(data), epochs)
 
 
 # ----------------------------------------------------------------------------- one unit
@@ -128,19 +133,36 @@ def load_fast_tokenizer(path: str):
 
 
 
-def new_source_stats() -> dict[str, Any]:
-    return {"selected": 0, "kept": 0, "bad": {}, "examples": [], "tokens": 0, "trained_tokens": 0,
-            "truncated": 0, "dropped_too_long": 0}
+SPECIAL_TOKENS_REASON = "special_tokens_in_text"
+
+
+def special_token_finder(tokenizer) -> re.Pattern | None:
+    """A pattern matching any of the tokenizer's special tokens (None when it has none)."""
+    specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special} | set(tokenizer.all_special_tokens)
+    specials = sorted((t for t in specials if t), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, specials))) if specials else None
+
+
+def _strings(obj: Any) -> Iterator[str]:
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _strings(v)
 
 
 class PrepareUnit:
     """Ray Data callable class: unit ids in, packed rows (or per-unit stats) out.
 
     ``mode="rows"`` yields the packed columns; ``mode="stats"`` yields one row per unit holding its
-    counts as JSON (the stats pass that sizes the run reads no tensors back)."""
+    counts as JSON (the stats pass that sizes the run reads no tensors back); ``mode="write"`` writes
+    each unit's rows as a shard of the prepared set ``out`` (a ``PreparedDir``) and yields its counts."""
 
-    def __init__(self, spec: DataSpec, mode: str = "rows"):
-
+    def __init__(self, spec: DataSpec, mode: str = "rows", out=None):
+        self.out = out
         self.spec, self.mode = spec, mode
         self.unit_plan = spec.unit_plan()  # built once per actor: in streaming order it sorts the whole plan
         self.units = {u.index: u for u in self.unit_plan.units("train")}
@@ -151,22 +173,24 @@ class PrepareUnit:
                                      date=datetime.date.fromisoformat(spec.date), loss=data.loss,
                                      eos_token=data.eos_token)
         self.cmap = ColumnMap.named(data.column_map)
+        self.specials = special_token_finder(self.tokenizer)
         self.strategy = derived.packing_strategy(data)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
         self.formats: dict[int, str] = {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, Any]]:
-        skips = batch["skip"] if "skip" in batch else np.zeros(len(batch["unit"]), dtype=np.int64)
-        for split, index, skip in zip(batch["split"], batch["unit"], skips):
+        for split, index in zip(batch["split"], batch["unit"]):
             unit = (self.eval_units if split == "eval" else self.units)[int(index)]
             columns, stats = self.prepare(unit)
-            if self.mode == "stats":
+            if self.mode == "write":
+                shards.write_shard(self.out.shard(unit.split, unit.index), columns, stats, self.spec.data.max_length)
+            if self.mode in ("stats", "write"):
                 yield {"unit": np.array([unit.index]), "split": np.array([unit.split]),
                        "stats": np.array([json.dumps(stats)])}
                 continue
-            if len(columns["input_ids"]) > skip:  # a resumed stream starts `skip` rows into its first unit
-                yield {k: columns[k][int(skip):] for k in PACKED_COLUMNS}
+            if len(columns["input_ids"]):
+                yield {k: columns[k] for k in PACKED_COLUMNS}
 
     def prepare(self, unit: Unit) -> tuple[dict[str, Any], dict[str, Any]]:
         return self.pack_unit(unit, *self.read_unit(unit))
@@ -225,25 +249,44 @@ class PrepareUnit:
         # checked in file order so the *first* occurrence of a duplicate is the one kept.
         unique, inverse = np.unique(wanted, return_inverse=True)
         results: dict[int, dict | RowError] = {}
-        dups = DuplicateFilter(self.cmap)
+        dups = DuplicateFilter(self.cmap) if self.spec.data.dedupe else None
         repeats = np.bincount(inverse, minlength=len(unique))  # > 1 only when weight > 1
         for f, local, where in source.locate(unique):
             for (row_in_file, raw), phys, n in zip(read_rows(f, local, list(source.columns) if source.columns else None),
                                                    unique[where], repeats[where]):
-                results[int(phys)] = self._normalize(s, raw, dups) if not isinstance(raw, RowError) else raw
-                if isinstance(results[int(phys)], RowError):  # counted once per selected position
-                    self._bad(st, results[int(phys)], s, int(phys), f.path, int(row_in_file), count=int(n))
+                r = self._normalize(s, raw, dups) if not isinstance(raw, RowError) else raw
+                hit = self._special_token(r) if not isinstance(r, RowError) else None
+                if hit is not None:
+                    st["special_tokens"] += int(n)
+                    err = RowError(SPECIAL_TOKENS_REASON, "messages", f"the text holds the special token {hit!r}, which the "
+                                   "tokenizer reads as a control token (a fake turn boundary); data.special_tokens_in_text="
+                                   f"{self.spec.data.special_tokens_in_text}")
+                    self._example(st, err, int(phys), f.path, int(row_in_file))
+                    if self.spec.data.special_tokens_in_text == "skip":
+                        r = err
+                elif isinstance(r, RowError):  # counted once per selected position
+                    self._bad(st, r, s, int(phys), f.path, int(row_in_file), count=int(n))
+                results[int(phys)] = r
         for p, u in zip(pos, inverse):
             r = results[int(unique[u])]
             examples[p] = None if isinstance(r, RowError) else r
 
-    def _normalize(self, s: int, raw: dict, dups: DuplicateFilter) -> dict | RowError:
+    def _special_token(self, example: dict) -> str | None:
+        if self.specials is None:
+            return None
+        for text in _strings(example):
+            m = self.specials.search(text)
+            if m:
+                return m.group(0)
+        return None
+
+    def _normalize(self, s: int, raw: dict, dups: DuplicateFilter | None) -> dict | RowError:
         try:
             fmt = self.formats.get(s)
             if fmt is None and self.spec.data.format == "auto":
                 fmt = self.formats.setdefault(s, detect_format(raw.keys(), self.cmap) or "auto")
             out = normalize(raw, fmt or self.spec.data.format, self.cmap)
-            if not isinstance(out, RowError):
+            if not isinstance(out, RowError) and dups is not None:
                 out = dups.check(raw) or out
             return out
         except Exception as e:  # a row must never crash the pipeline: it is counted and reported
@@ -251,7 +294,11 @@ class PrepareUnit:
 
     def _bad(self, st: dict, err: RowError, s: int, row: int, path: str | None = None, row_in_file: int | None = None,
              count: int = 1) -> None:
-        st["bad"][err.reason] = st["bad"].get(err.reason, 0) + count
+        kind = "duplicates" if err.reason.startswith("duplicate") else "bad"  # a repeat is not malformed
+        st[kind][err.reason] = st[kind].get(err.reason, 0) + count
+        self._example(st, err, row, path, row_in_file)
+
+    def _example(self, st: dict, err: RowError, row: int, path: str | None, row_in_file: int | None) -> None:
         if sum(1 for e in st["examples"] if e["reason"] == err.reason) < MAX_EXAMPLES:
             st["examples"].append({"reason": err.reason, "file": path, "row": row_in_file if row_in_file is not None else row,
                                    "field": err.field, "message": err.message})
@@ -261,106 +308,30 @@ class PrepareUnit:
 
 
 def build_dataset(spec: DataSpec, split: str = "train", mode: str = "rows", *, data_cpus: float,
-                  concurrency: int, start_unit: int = 0, skip_rows: int = 0):
+                  concurrency: int, only: set[tuple[str, int]] | None = None, out=None):
     """A lazily executed Ray Dataset of packed rows (or per-unit stats) for ``split``
     (``"train"``, ``"eval"``, or ``"all"`` = both, for the stats pass).
 
-    ``start_unit``/``skip_rows``: begin the stream at that unit, without its first ``skip_rows``
-    packed rows (a resumed run's data cursor); the rows after it are the same as in a full pass."""
+    ``only``: just these ``(split, unit)`` pairs (a resumed prepare); ``out``: the ``PreparedDir`` that
+    ``mode="write"`` writes shards into."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic row order, whatever the CPU count
     ctx.enable_progress_bars = False
     plan = spec.unit_plan()
     units = [u for s in (("train", "eval") if split == "all" else (split,)) for u in plan.units(s)]
-    units = [u for u in units if u.index >= start_unit]
+    units = [u for u in units if only is None or (u.split, u.index) in only]
     if not units:
         return None
-    items = [{"unit": u.index, "split": u.split, "skip": skip_rows if u.index == start_unit else 0} for u in units]
+    items = [{"unit": u.index, "split": u.split} for u in units]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    return ds.map_batches(PrepareUnit, fn_constructor_kwargs={"spec": spec, "mode": mode}, batch_size=1,
+    return ds.map_batches(PrepareUnit, fn_constructor_kwargs={"spec": spec, "mode": mode, "out": out}, batch_size=1,
                           num_cpus=data_cpus, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=concurrency))
-
-
-@dataclass
-class DataStats:
-    sources: dict[str, dict[str, Any]]
-    train_packed_rows: int
-    train_packed_tokens: int
-    eval_packed_rows: int
-    max_length: int
-    date: str
-    per_epoch_units: int = 0
-    eval_sources: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @property
-    def packing_efficiency(self) -> float:
-        return self.train_packed_tokens / max(1, self.train_packed_rows * self.max_length)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"sources": self.sources, "eval_sources": self.eval_sources, "train_packed_rows": self.train_packed_rows,
-                "train_packed_tokens": self.train_packed_tokens, "eval_packed_rows": self.eval_packed_rows,
-                "max_length": self.max_length, "packing_efficiency": self.packing_efficiency, "date": self.date}
-
-
-class DataQualityError(RuntimeError):
-    """Too many malformed rows in a source: the message lists counts per reason and examples."""
 
 
 def collect_stats(spec: DataSpec, *, data_cpus: float, concurrency: int) -> DataStats:
     """One pass over epoch 0 and the eval split, returning counts only (no tensors)."""
-    one_epoch = DataSpec(spec.data, spec.sources, spec.plan, spec.tokenizer_path, spec.date, epochs=1)
-    merged: dict[str, dict] = {"train": {n: new_source_stats() for n in spec.source_names},
-                               "eval": {n: new_source_stats() for n in spec.source_names}}
-    packed = {"train": [0, 0], "eval": [0, 0]}
-    for row in build_dataset(one_epoch, "all", mode="stats", data_cpus=data_cpus, concurrency=concurrency).iter_rows():
-        st = json.loads(row["stats"])
-        split = st["split"]
-        packed[split][0] += st["packed_rows"]
-        packed[split][1] += st["packed_tokens"]
-        for name, s in st["sources"].items():
-            _merge(merged[split][name], s)
-    stats = DataStats(merged["train"], packed["train"][0], packed["train"][1], packed["eval"][0],
-                      spec.data.max_length, spec.date, eval_sources=merged["eval"])
+    one_epoch = dataclasses.replace(spec, epochs=1)
+    rows = build_dataset(one_epoch, "all", mode="stats", data_cpus=data_cpus, concurrency=concurrency).iter_rows()
+    stats = merge_unit_stats(spec, (json.loads(row["stats"]) for row in rows))
     check_quality(stats, spec.data.max_bad_fraction)
     return stats
-
-
-def _merge(into: dict, add: dict) -> None:
-    for k, v in add.items():
-        if k == "bad":
-            for reason, n in v.items():
-                into["bad"][reason] = into["bad"].get(reason, 0) + n
-        elif k == "examples":
-            for e in v:
-                if sum(1 for x in into["examples"] if x["reason"] == e["reason"]) < MAX_EXAMPLES:
-                    into["examples"].append(e)
-        else:
-            into[k] += v
-
-
-def where_in_file(path: str | None, row: int) -> str:
-    """'line N' (1-based, as editors count) for JSON Lines files, 'row N' (0-based) for tables."""
-    if path and path.endswith((".jsonl", ".ndjson", ".json")):
-        return f"line {row + 1}"
-    return f"row {row}"
-
-
-def check_quality(stats: DataStats, max_bad_fraction: float) -> None:
-    problems = []
-    for split_sources in (stats.sources, stats.eval_sources):
-        for name, st in split_sources.items():
-            # Duplicates are skipped and reported, but they are not malformed: they don't count here.
-            bad = sum(n for reason, n in st["bad"].items() if not reason.startswith("duplicate"))
-            if st["selected"] and bad / st["selected"] > max_bad_fraction:
-                lines = [f"  {reason}: {n}" for reason, n in sorted(st["bad"].items())]
-                ex = [f"  e.g. {e['file'] or name} {where_in_file(e['file'], e['row'])}, field {e['field']}: {e['message']}"
-                      for e in st["examples"][:5]]
-                problems.append(f"source {name!r}: {bad} of {st['selected']} selected rows are malformed "
-                                f"({bad / st['selected']:.1%} > data.max_bad_fraction={max_bad_fraction}):\n" + "\n".join(lines + ex))
-    if problems:
-        raise DataQualityError("\n".join(problems) + "\nFix or drop these rows, or raise data.max_bad_fraction to train anyway.")
-    for split_sources in (stats.sources, stats.eval_sources):
-        for name, st in split_sources.items():
-            if st["bad"]:
-                log.warning("source %r: skipped %d malformed rows %s; first: %s", name, sum(st["bad"].values()),
-                            dict(st["bad"]), st["examples"][:1])

@@ -94,6 +94,18 @@ def _stamp(path: str) -> tuple:
     return (st.st_size, st.st_mtime_ns)
 
 
+def file_stamp(path: str) -> dict:
+    """What identifies a file's content version without reading it: size and modification time for a
+    local file; size and the store's version tag (ETag, blob sha, last modified) for a remote one."""
+    if "://" not in path:
+        st = os.stat(path)
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    fs, _, (p,) = fsspec.get_fs_token_paths(path)
+    info = fs.info(p)
+    keys = ("size", "ETag", "etag", "sha256", "blob_id", "last_commit", "LastModified", "last_modified", "mtime")
+    return {k: str(info[k]) for k in keys if info.get(k) is not None}
+
+
 def line_offsets(path: str) -> np.ndarray:
     """Byte offset of every physical line start (read-only int64 array, one entry per line)."""
     return _line_bounds(path, _stamp(path))[:-1]

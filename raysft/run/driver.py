@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -20,8 +19,9 @@ from ray.train.torch import TorchTrainer
 from raysft.config import RaySFTConfig, derived, to_plain
 from raysft.config.derived import Derived
 from raysft.config.secrets import redact
-from raysft.data.pipeline import DataSpec, DataStats, build_dataset, build_spec, collect_stats
-from raysft.data.stream import RowDealer
+from raysft.data.pipeline import DataSpec, DataStats, build_spec, collect_stats
+from raysft.data.prepared import PreparedSet, prepare
+from raysft.data.prepared import describe as describe_prepared
 from raysft.run import summary as summaries
 from raysft.storage import checkpoints as ckpts
 from raysft.storage import files
@@ -30,9 +30,6 @@ from raysft.train import model as models
 from raysft.train.worker import LoopConfig, check_world_size, train_loop
 
 log = logging.getLogger("raysft")
-
-EVAL_MATERIALIZE_MAX_TOKENS = 200_000_000  # ~2.4 GB of packed int32/int16 columns
-
 
 @dataclass
 class RunResult:
@@ -60,18 +57,35 @@ def init_ray(cfg: RaySFTConfig, *, num_cpus: int | None = None, dashboard: bool 
              runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}})
 
 
-def prepare_data(cfg: RaySFTConfig) -> tuple[DataSpec, DataStats]:
-    """The data plan and its stats pass (every row read, rendered and packed once; counts only)."""
-    spec = build_spec(cfg.data, models.tokenizer_path(cfg.model), epochs=max(1, math.ceil(cfg.trainer.num_train_epochs)))
-    stats = collect_stats(spec, **derived.data_resources(cfg.scaling))
-    return spec, stats
+def count_data(cfg: RaySFTConfig) -> tuple[DataSpec, DataStats]:
+    """The data plan and a stats pass over it (every row read, rendered and packed; counts only,
+    nothing written): what `raysft plan` and `raysft data stats` report."""
+    spec = build_spec(cfg.data, models.tokenizer_path(cfg.model))
+    return spec, collect_stats(spec, **derived.data_resources(cfg.scaling))
+
+
+def prepare_data(cfg: RaySFTConfig, *, date: str | None = None) -> tuple[DataSpec, PreparedSet]:
+    """The run's prepared data set under ``storage.path``: reused when one with the same fingerprint
+    is complete, else tokenised and packed now (Ray Data). ``date``: the template date to pin (a
+    resumed run's own)."""
+    spec = build_spec(cfg.data, models.tokenizer_path(cfg.model), date=date)
+    return spec, prepare(spec, Storage.at(cfg.storage.path), **derived.data_resources(cfg.scaling))
+
+
+def pinned_date(rundir: RunDir) -> str | None:
+    """The template date a run was started with (a resume renders any new rows with the same date)."""
+    if not rundir.has(RunDir.CONFIG):
+        return None
+    saved = yaml.safe_load(files.read_bytes(rundir.file(RunDir.CONFIG))) or {}
+    return (saved.get("derived") or {}).get("template_date")
 
 
 def print_data_summary(stats: DataStats) -> None:
     for name, st in stats.sources.items():
-        bad = sum(st["bad"].values())
+        bad, dups = sum(st["bad"].values()), sum(st.get("duplicates", {}).values())
         print(f"  source {name}: {st['kept']:,} rows kept of {st['selected']:,} selected, {st['tokens']:,} tokens "
-              f"({st['trained_tokens']:,} trained), truncated {st['truncated']}, dropped {st['dropped_too_long']}, bad {bad}")
+              f"({st['trained_tokens']:,} trained), truncated {st['truncated']}, dropped {st['dropped_too_long']}, "
+              f"malformed {bad}, duplicates {dups}, special tokens {st.get('special_tokens', 0)}")
     print(f"  packed: {stats.train_packed_rows:,} train rows x {stats.max_length} tokens, efficiency "
           f"{stats.packing_efficiency:.1%}; {stats.eval_packed_rows:,} eval rows; template date {stats.date}")
 
@@ -100,7 +114,9 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
         print(f"raysft: resuming from step {resume_from.step} ({resume_from.uri})", flush=True)
     init_ray(cfg, num_cpus=ray_cpus)
 
-    spec, stats = prepare_data(cfg)
+    spec, prepared = prepare_data(cfg, date=cfg.data.date or pinned_date(rundir))
+    print(f"raysft: {describe_prepared(prepared)}", flush=True)
+    stats = prepared.stats()
     print_data_summary(stats)
     d = derived.derive(cfg, run_name=name, date=spec.date, train_packed_rows=stats.train_packed_rows)
     t = cfg.trainer
@@ -110,22 +126,12 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
     write_config(rundir, cfg, d)
     files.write_bytes(rundir.file(RunDir.DATA_STATS), json.dumps(stats.to_json(), indent=1).encode())
 
-    data_kw = derived.data_resources(cfg.scaling)
-    # The train rows are dealt by one actor in a fixed global order (exact resume, see data/stream.py);
-    # the eval split goes through Ray Train's own split (its order does not matter).
-    dealer = ray.remote(RowDealer).options(num_cpus=0, max_concurrency=cfg.scaling.num_workers + 4).remote(spec, **data_kw)
-    datasets = {}
+    # Once training starts, the workers need nothing but storage: each reads its own rows of the
+    # prepared set (no data actor to lose with its node).
     has_eval = stats.eval_packed_rows >= cfg.scaling.num_workers
-    if has_eval:
-        eval_ds = build_dataset(spec, "eval", **data_kw)
-        # A small eval split is prepared once and kept in the object store: otherwise every
-        # evaluation re-runs the pipeline (actor start-up, tokenizer load) for a handful of rows.
-        if stats.eval_packed_rows * cfg.data.max_length <= EVAL_MATERIALIZE_MAX_TOKENS:
-            eval_ds = eval_ds.materialize()
-        datasets["eval"] = eval_ds
     loop = LoopConfig(cfg=to_plain(cfg), run_root=rundir.root, run_name=name, max_steps=d.max_steps,
-                      source_names=spec.source_names, has_eval=has_eval, dealer=dealer, save_steps=d.save_steps,
-                      init_checkpoint=init_checkpoint)
+                      source_names=spec.source_names, has_eval=has_eval, prepared_uri=prepared.uri,
+                      save_steps=d.save_steps, init_checkpoint=init_checkpoint)
     storage_path, storage_fs = rundir.ray_storage()
     trainer = TorchTrainer(
         train_loop,
@@ -135,14 +141,9 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
                              failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                              worker_runtime_env={"env_vars": files.forwarded_env()}, callbacks=callbacks,
                              checkpoint_config=checkpoint_config(cfg)),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
     )
     started = time.perf_counter()
-    try:
-        result = trainer.fit()
-    finally:
-        ray.kill(dealer)
+    result = trainer.fit()
     kept = {c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in (result.best_checkpoints or [])}
     if result.checkpoint:
         kept.add(result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])

@@ -10,7 +10,8 @@
     workers/batches_rank<r>.jsonl  per-micro-batch row hashes (``monitor.log_batch_hashes``)
     checkpoint_<timestamp>/    Ray Train checkpoints (see ``storage/checkpoints.py``)
 
-``Storage`` is the root (``storage.path``): it lists runs and resolves ``resume=``.
+``Storage`` is the root (``storage.path``): it lists runs, resolves ``resume=`` and holds the
+prepared data sets (``prepared/<fingerprint>/``, shared by every run and sweep trial under it).
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ class _NamedDir:
     def at(cls, root: str, name: str):
         return cls(absolute(root), name)
 
+    @classmethod
+    def from_uri(cls, uri: str):
+        root, name = absolute(uri).rstrip("/").rsplit("/", 1)
+        return cls(root, name)
+
     @property
     def uri(self) -> str:
         return files.join(self.root, self.name)
@@ -59,11 +65,6 @@ class RunDir(_NamedDir):
     LOSS_PLOT = "loss.png"
     MODEL = "model"
     WORKERS = "workers"
-
-    @classmethod
-    def from_uri(cls, uri: str) -> "RunDir":
-        root, name = absolute(uri).rstrip("/").rsplit("/", 1)
-        return cls(root, name)
 
     @property
     def local_path(self) -> str | None:
@@ -105,6 +106,26 @@ class RunDir(_NamedDir):
 
 
 @dataclass(frozen=True)
+class PreparedDir(_NamedDir):
+    """A prepared data set, ``<storage.path>/prepared/<fingerprint>/`` (see ``raysft/data/prepared.py``):
+
+        train/unit-<u>.parquet, eval/unit-<u>.parquet   packed rows, one shard per work unit
+        data_stats.json                                 rows, tokens, drops and packing
+        manifest.json                                   written last: a set without it is never used
+    """
+
+    MANIFEST = "manifest.json"
+    STATS = "data_stats.json"
+    FOLDER = "prepared"
+
+    def shard(self, split: str, unit: int) -> str:
+        return self.file(f"{split}/unit-{unit:05d}.parquet")
+
+    def complete(self) -> bool:
+        return files.exists(self.file(self.MANIFEST))
+
+
+@dataclass(frozen=True)
 class Storage:
     """``storage.path``: the folder that holds runs (and sweeps)."""
 
@@ -120,13 +141,16 @@ class Storage:
     def child(self, name: str) -> str:
         return files.join(self.root, name)
 
+    def prepared(self, fingerprint: str) -> PreparedDir:
+        return PreparedDir(files.join(self.root, PreparedDir.FOLDER), fingerprint)
+
     def latest_run(self) -> str | None:
         """The run whose newest complete checkpoint is the most recent (Ray names checkpoint folders
         by timestamp)."""
         fs, path = files.filesystem(self.root)
         best: tuple[str, str] | None = None
         for e in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-            if e.type != pafs.FileType.Directory:
+            if e.type != pafs.FileType.Directory or e.base_name == PreparedDir.FOLDER:
                 continue
             done = [c for c in self.run(e.base_name).checkpoints() if c.complete]
             if done and (best is None or done[-1].uri.rsplit("/", 1)[-1] > best[0]):

@@ -7,11 +7,11 @@ import logging
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import datasets
-import ray
 import ray.train
 import torch
 import torch.distributed as dist
@@ -19,7 +19,8 @@ from trl import SFTConfig
 
 from raysft.config import RaySFTConfig, from_plain
 from raysft.config.derived import grad_accum_for
-from raysft.data.stream import Cursor
+from raysft.data.prepared import open_prepared
+from raysft.data.shards import RowStream
 from raysft.storage import checkpoints as ckpts
 from raysft.storage import files
 from raysft.storage.rundir import RunDir
@@ -27,7 +28,8 @@ from raysft.train import model as models
 from raysft.train.checkpoint import RayCheckpointCallback
 from raysft.train.deepspeed import deepspeed_config, patch_accelerate_for_cpu_deepspeed
 from raysft.train.metrics import MetricsCallback, SampleCallback
-from raysft.train.trainer import EvalBatches, RaySFTTrainer, TrainStream, row_digests
+from raysft.train.batches import EvalBatches, TrainBatches, row_digests
+from raysft.train.trainer import RaySFTTrainer
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ class LoopConfig:
     max_steps: int
     source_names: list[str]
     has_eval: bool
-    dealer: Any = None  # the RowDealer actor handle (raysft/data/stream.py): the one non-plain value
+    prepared_uri: str = ""  # the prepared data set the workers read (raysft/data/prepared.py)
     save_steps: float = 0  # 0 = no checkpoints; < 1 = a fraction of max_steps (as the recipes)
     init_checkpoint: str | None = None  # `resume=<uri>`: start from another run's checkpoint
 
@@ -128,23 +130,25 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # ---------------------------------------------------------------- resume point
     resume_dir, restored = _restore(lc, cfg, scratch, rank, world)
     step0 = int(restored.get("global_step", 0))
-    cursor0 = Cursor.from_dict(restored.get("data_cursor"))
+    # The data cursor: how many positions of the global row order the run has consumed.
+    cursor0 = int((restored.get("data_cursor") or {}).get("global_row", 0))
 
     # ---------------------------------------------------------------- data
-    # Rank 0 (re)starts the dealer at the checkpoint's cursor; the others wait for it.
-    session = ray.get(lc.dealer.start.remote(cursor0.to_dict(), world, batch)) if rank == 0 else None
-    session = _broadcast(session)
+    # Every worker reads its own round-robin share of the prepared rows straight from storage.
+    rows = open_prepared(lc.prepared_uri).rows()
+    session = _broadcast(time.time_ns() // 1000)  # tells this attempt's lines apart in the audit log
     audit = _batch_audit(cfg, rundir, scratch, rank, session)
-    train_batches = TrainStream(lc.dealer, session, rank, grad_accum=grad_accum, timeout_s=cfg.scaling.data_timeout_s,
-                                first_step=step0, on_batch=audit.write if audit else None)
-    eval_batches = (EvalBatches(ray.train.get_dataset_shard("eval"), batch, timeout_s=cfg.scaling.data_timeout_s)
+    stream = RowStream(rows, rank=rank, world=world, batch=batch, start=cursor0, seed=cfg.trainer.seed,
+                       timeout_s=cfg.scaling.data_timeout_s)
+    train_batches = TrainBatches(stream, grad_accum=grad_accum, first_step=step0, on_batch=audit.write if audit else None)
+    eval_batches = (EvalBatches(rows, rank=rank, world=world, batch_size=batch, timeout_s=cfg.scaling.data_timeout_s)
                     if lc.has_eval else None)
 
     def checkpoint_state(st) -> dict[str, Any]:
         # Every rank took grad_accum micro-batches of `batch` rows per step since the resume point.
-        consumed = cursor0.global_row + (st.global_step - step0) * grad_accum * batch * world
+        consumed = cursor0 + (st.global_step - step0) * grad_accum * batch * world
         return {"global_step": st.global_step, "num_tokens": trainer._total_train_tokens,
-                "data_cursor": ray.get(lc.dealer.cursor_at.remote(session, consumed))}
+                "data_cursor": {"global_row": consumed}}
 
     # ---------------------------------------------------------------- model
     # The SFTConfig goes first: with ZeRO-3 it registers the DeepSpeed config that makes
@@ -157,7 +161,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     net = models.build_model(cfg.model, accel, peft=cfg.peft, seed=cfg.trainer.seed)
 
     # ---------------------------------------------------------------- trainer
-    # SFTTrainer insists on a datasets object; the real rows come from the dealer (TrainStream).
+    # SFTTrainer insists on a datasets object; the real rows come from the prepared set (TrainBatches).
     placeholder = datasets.IterableDataset.from_generator(_placeholder_rows)
     cuda = torch.cuda.is_available()
     metrics = MetricsCallback(os.path.join(local_run or scratch, RunDir.METRICS),

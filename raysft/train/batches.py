@@ -1,0 +1,70 @@
+"""What the Trainer iterates: a worker's micro-batches of the prepared set, as model inputs.
+
+The rows arrive packed and masked, so nothing is re-tokenised, re-packed or collated:
+``position_ids`` reach the model untouched (see ``as_model_batch``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from raysft.data.shards import PreparedRows, RowStream, eval_batches
+
+MODEL_COLUMNS = ("input_ids", "labels", "position_ids")
+ROW_COLUMNS = (*MODEL_COLUMNS, "source_ids")
+
+
+def as_model_batch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    # TRL's padding-free layout: the B packed rows become one row of B*L tokens. The per-sequence
+    # position_ids keep sequences apart (flash-attn varlen / sdpa block mask), and TRL's token
+    # counter (position_ids.size(1)) then counts every token.
+    return {k: torch.from_numpy(np.array(batch[k], dtype=np.int64)).reshape(1, -1) for k in ROW_COLUMNS if k in batch}
+
+
+def row_digests(batch: dict[str, np.ndarray]) -> list[str]:
+    """A short hash of each packed row's tokens, labels and positions (the data audit log)."""
+    out = []
+    for i in range(len(batch["input_ids"])):
+        h = hashlib.sha1()
+        for c in MODEL_COLUMNS:
+            h.update(np.ascontiguousarray(batch[c][i], dtype=np.int64).tobytes())
+        out.append(h.hexdigest()[:16])
+    return out
+
+
+class TrainBatches(IterableDataset):
+    """A worker's endless training micro-batches (``RowStream``: its round-robin share of the global
+    order, read ahead from storage).
+
+    Endless, because the step count is fixed up front: the order runs on into the next epoch's
+    permutation, so every rank takes exactly ``max_steps x GA`` micro-batches. ``rows_consumed``
+    counts rows handed to the trainer; ``on_batch(step, micro, batch)`` sees every micro-batch with
+    the optimizer step it belongs to (``first_step`` = steps done before a resume) and its place in it."""
+
+    def __init__(self, stream: RowStream, *, grad_accum: int, first_step: int = 0,
+                 on_batch: Callable[[int, int, dict], None] | None = None):
+        self.stream, self.grad_accum, self.first_step, self.on_batch = stream, grad_accum, first_step, on_batch
+        self.rows_consumed = 0
+
+    def __iter__(self):
+        for k, batch in enumerate(self.stream):
+            self.rows_consumed += len(batch["input_ids"])
+            if self.on_batch is not None:
+                self.on_batch(self.first_step + k // self.grad_accum + 1, k % self.grad_accum, batch)
+            yield as_model_batch(batch)
+
+
+class EvalBatches(IterableDataset):
+    """This rank's equal share of the prepared eval rows (order does not matter for a mean loss)."""
+
+    def __init__(self, rows: PreparedRows, *, rank: int, world: int, batch_size: int, timeout_s: float):
+        self.rows, self.rank, self.world, self.batch_size, self.timeout_s = rows, rank, world, batch_size, timeout_s
+
+    def __iter__(self):
+        for b in eval_batches(self.rows, rank=self.rank, world=self.world, batch=self.batch_size, timeout_s=self.timeout_s):
+            yield as_model_batch(b)
