@@ -111,16 +111,16 @@ def test_sigkill_of_a_worker_resumes_with_exactly_the_same_data(clean_run, tmp_p
         assert m_faulty[step]["loss"] == pytest.approx(m_clean[step]["loss"], abs=1e-4), step
 
 
-def _global_rows(overrides: list[str]) -> list[str]:
-    """Row hashes of one pass of the training stream, prepared in this process without Ray."""
-    from raysft import assets
-    from raysft.data.pipeline import PrepareUnit, build_spec
-    from raysft.train.trainer import row_digests
+def _global_rows(storage: Path, seed: int, count: int) -> list[str]:
+    """Row hashes of the first ``count`` positions of the global training order: the run's prepared
+    set read in its per-epoch permutation, as one worker taking every position would read it."""
+    from raysft.data.prepared import open_prepared
+    from raysft.data.shards import RowStream
+    from raysft.train.batches import row_digests
 
-    cfg = compose(*overrides)
-    spec = build_spec(cfg.data, assets.resolve("bundled:smollm3"))
-    prep = PrepareUnit(spec)
-    return [d for u in spec.unit_plan().units("train") for d in row_digests(prep.prepare(u)[0])]
+    (prepared,) = (storage / "prepared").iterdir()
+    stream = RowStream(open_prepared(str(prepared)).rows(), rank=0, world=1, batch=1, start=0, seed=seed, timeout_s=60)
+    return [row_digests(stream.batch_at(g))[0] for g in range(count)]
 
 
 def test_a_resume_on_more_workers_continues_the_global_data_order(ray_cluster, tmp_path):
@@ -145,10 +145,10 @@ def test_a_resume_on_more_workers_continues_the_global_data_order(ray_cluster, t
     assert final["world_size"] == 2 and final["gradient_accumulation_steps"] == 2
 
     # Step s trained on global rows 4(s-1) .. 4s-1, whichever group ran it.
-    order = _global_rows(common)
+    order = _global_rows(tmp_path, compose(*common).trainer.seed, 4 * steps)
     for s in range(1, steps + 1):
         got = sorted(d for e in audit if e["step"] == s for d in e["rows"])
-        assert got == sorted(order[g % len(order)] for g in range(4 * (s - 1), 4 * s)), s
+        assert got == sorted(order[g] for g in range(4 * (s - 1), 4 * s)), s
 
 
 def test_elastic_accumulation_keeps_the_global_batch():

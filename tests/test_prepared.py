@@ -1,0 +1,213 @@
+"""Prepare once (raysft/data/prepared.py, raysft/data/shards.py): the prepared set's format, its
+fingerprint, reuse and invalidation, a prepare killed midway, and training that reads the set
+directly (every epoch a permutation of the packed rows; no actor but the workers needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, compose
+
+from raysft import assets
+from raysft.config import derived
+from raysft.data import shards
+from raysft.data.pipeline import PrepareUnit, build_spec
+from raysft.data.prepared import fingerprint, fingerprint_inputs, open_prepared, prepare
+from raysft.storage.rundir import Storage
+from raysft.train.batches import row_digests
+
+TOKENIZER = assets.resolve("bundled:smollm3")
+SAMPLE = Path(assets.resolve("bundled:data/smoltalk2-sample"))
+
+
+def _fp(*overrides: str) -> str:
+    cfg = compose(*overrides)
+    return fingerprint(fingerprint_inputs(build_spec(cfg.data, TOKENIZER)))
+
+
+# ----------------------------------------------------------------------------- format (no Ray)
+
+
+def test_a_shard_reads_back_exactly_and_loads_with_datasets(tmp_path):
+    import datasets
+
+    cfg = compose()
+    spec = build_spec(cfg.data, TOKENIZER)
+    prep = PrepareUnit(spec)
+    unit = spec.unit_plan().units("train")[0]
+    columns, stats = prep.prepare(unit)
+    uri = str(tmp_path / "train" / "unit-00000.parquet")
+    n = shards.write_shard(uri, columns, stats, cfg.data.max_length)
+    assert n == len(columns["input_ids"]) > 1
+    assert shards.shard_stats(uri) == json.loads(json.dumps(stats))
+    assert not list(tmp_path.rglob("*.tmp-*"))  # written aside, then renamed
+
+    rows = shards.PreparedRows({"train": [(uri, n)]}, cfg.data.max_length)
+    back = rows.read("train", np.arange(n)[::-1])
+    for c in shards.COLUMNS:
+        np.testing.assert_array_equal(back[c], np.asarray(columns[c])[::-1], err_msg=c)
+
+    ds = datasets.load_dataset("parquet", data_files=uri, split="train")
+    assert ds.num_rows == n and set(ds.column_names) == set(shards.COLUMNS)
+    assert ds[3]["input_ids"] == list(np.asarray(columns["input_ids"][3]))
+
+
+def test_consumed_positions_are_a_prefix_of_the_global_order_for_any_world_size():
+    rows = shards.PreparedRows({"train": [("unused", 10)]}, 8)
+
+    def positions(world: int, batch: int, steps: int, ga: int, start: int = 0) -> list[int]:
+        out = []
+        for r in range(world):
+            s = shards.RowStream(rows, rank=r, world=world, batch=batch, start=start, seed=1, timeout_s=1)
+            out += [int(p) for k in range(steps * ga) for p in s.positions(k)]
+        return sorted(out)
+
+    assert positions(1, 4, 3, 1) == positions(2, 2, 3, 1) == positions(4, 1, 3, 1) == list(range(12))
+    assert positions(2, 1, 2, 2, start=12) == list(range(12, 20))  # a resumed run continues the prefix
+
+
+def test_every_epoch_is_a_seeded_permutation_of_the_packed_rows():
+    e0, e1 = shards.train_order(1000, 42, 0), shards.train_order(1000, 42, 1)
+    assert sorted(e0) == sorted(e1) == list(range(1000))
+    assert not np.array_equal(e0, e1)
+    np.testing.assert_array_equal(e0, shards.train_order(1000, 42, 0))
+
+
+def test_fingerprint_changes_with_what_changes_tokens_only(tmp_path):
+    base = _fp()
+    assert _fp("trainer.learning_rate=1e-2", "scaling.num_workers=1", "trainer.max_steps=7",
+               "trainer.num_train_epochs=3", "data.max_bad_fraction=0.5") == base
+    assert _fp("data.max_length=256") != base
+    assert _fp("data.chat_template=mid") != base
+    assert _fp("data.packing_strategy=wrapped") != base
+    assert _fp("data.loss=all") != base
+    assert _fp("data.dedupe=false") != base
+    assert _fp("data.dataset_mixture.seed=7") != base
+    assert _fp("data.dataset_mixture.datasets.0.weight=0.03") != base
+
+    # A source file rewritten in place gives a new fingerprint.
+    f = tmp_path / "rows.parquet"
+    shutil.copy(next(SAMPLE.glob("SFT/gsm8k_think-*.parquet")), f)
+    src = f"data.dataset_mixture.datasets=[{{path:'{f}',weight:0.01}}]"
+    before = _fp(src)
+    assert _fp(src) == before
+    os.utime(f, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert _fp(src) != before
+
+
+# ----------------------------------------------------------------------------- prepare on Ray
+
+PREP = ["data.window_rows=16", "data.dataset_mixture.datasets.0.weight=0.3"]  # ~40 units: a prepare takes seconds
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_prepare_is_never_used_and_the_next_one_resumes_it(ray_cluster, tmp_path):
+    killed_root, clean_root = tmp_path / "killed", tmp_path / "clean"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "raysft", "data", "prepare", f"storage.path={killed_root}", *PREP],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(killed_root.glob("prepared/*/train/unit-*.parquet")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the prepare ended before it wrote a shard"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)  # from outside, midway
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (set_dir,) = (killed_root / "prepared").iterdir()
+    written = len(list(set_dir.glob("train/*.parquet")))
+    assert not (set_dir / "manifest.json").exists()
+    with pytest.raises(ValueError, match="not a complete prepared set"):
+        open_prepared(str(set_dir))
+
+    cfg = compose(f"storage.path={killed_root}", *PREP)
+    spec = build_spec(cfg.data, TOKENIZER)
+    resumed = prepare(spec, Storage.at(str(killed_root)), **derived.data_resources(cfg.scaling))
+    clean = prepare(build_spec(compose(f"storage.path={clean_root}", *PREP).data, TOKENIZER, date=spec.date),
+                    Storage.at(str(clean_root)), **derived.data_resources(cfg.scaling))
+    assert resumed.uri == str(set_dir) and not resumed.reused and resumed.fingerprint == clean.fingerprint
+    units = len(resumed.manifest["shards"]["train"])
+    assert 0 < written < units, "the kill did not land midway"
+    a, b = resumed.rows(), clean.rows()
+    n = a.num_rows("train")
+    assert n == b.num_rows("train") > 0
+    for c in shards.COLUMNS:
+        np.testing.assert_array_equal(a.read("train", np.arange(n))[c], b.read("train", np.arange(n))[c], err_msg=c)
+    assert resumed.manifest["stats"] == clean.manifest["stats"]
+    # The next prepare of the same config reuses the set without running the pipeline.
+    again = prepare(spec, Storage.at(str(killed_root)), **derived.data_resources(cfg.scaling))
+    assert again.reused and again.uri == resumed.uri
+
+
+# Ray Train's own actors (ray/train/v2/_internal): its controller, workers, report barrier, state
+# store and cleaners. Any other actor (a data actor, Ray Data's stats or split coordinator) is not
+# needed by a run once training starts.
+RAY_TRAIN_ACTORS = {"TrainController", "RayTrainWorker", "SynchronizationActor", "TrainStateActor",
+                    "PlacementGroupCleaner", "PreemptionWatcher"}
+
+
+def _non_worker_actors_killer(run_dir: Path, step: int, killed: list, stop: threading.Event) -> None:
+    """Once ``step`` is logged, SIGKILL every live actor that is not Ray Train's own: whatever else
+    the run created (data actors, ...) is gone mid-run."""
+    from ray.util.state import list_actors
+
+    metrics = run_dir / "metrics.jsonl"
+    while not stop.is_set():
+        if metrics.exists() and any(json.loads(x).get("global_step", 0) >= step for x in metrics.read_text().splitlines()):
+            for a in list_actors(filters=[("state", "=", "ALIVE")]):
+                if a.class_name not in RAY_TRAIN_ACTORS and a.pid:
+                    os.kill(a.pid, signal.SIGKILL)
+                    killed.append(a.class_name)
+            killed.append("<checked>")  # the sweep ran mid-run (there may have been nothing else to kill)
+            return
+        time.sleep(0.2)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_epochs_train_permutations_of_the_packed_rows_with_only_the_workers(ray_cluster, tmp_path):
+    from raysft.run import driver
+
+    run_dir = tmp_path / "epochs"
+    overrides = [f"storage.path={tmp_path}", "storage.name=epochs", "data.dataset_mixture.datasets.0.weight=0.004",
+                 "data.dataset_mixture.datasets.1.weight=0.01", "data.dataset_mixture.test_split_size=0",
+                 "trainer.num_train_epochs=2", "monitor.log_batch_hashes=true", "monitor.sample_prompts=[]",
+                 "trainer.eval_steps=null"]
+    killed: list[str] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=_non_worker_actors_killer, args=(run_dir, 1, killed, stop), daemon=True)
+    killer.start()
+    try:
+        result = driver.run(compose(*overrides))
+    finally:
+        stop.set()
+    assert "<checked>" in killed, "the run ended before the actor sweep"
+    prepared = open_prepared(str(next((tmp_path / "prepared").iterdir())))
+    n = prepared.rows().num_rows("train")
+    steps = result.max_steps
+    assert steps == 2 * derived.steps_for(n, compose(*overrides), epochs=1)
+    audit = [json.loads(x) for r in (0, 1) for x in (run_dir / "workers" / f"batches_rank{r}.jsonl").read_text().splitlines()]
+    trained = [d for e in sorted(audit, key=lambda e: (e["step"], e["micro"])) for d in e["rows"]]
+    assert len(trained) == 2 * steps  # 2 workers x 1 row x GA 1
+    epoch1, epoch2 = trained[:n], trained[n:2 * n]
+    all_rows = row_digests(prepared.rows().read("train", np.arange(n)))
+    assert Counter(epoch1) == Counter(epoch2) == Counter(all_rows)  # each epoch: every packed row once
+    assert epoch1 != epoch2  # ... in a new order
+    # The order is the global one the prepared set defines, whatever was killed on the way.
+    stream = shards.RowStream(prepared.rows(), rank=0, world=1, batch=1, start=0, seed=compose().trainer.seed, timeout_s=60)
+    assert trained[:2 * n] == [row_digests(stream.batch_at(g))[0] for g in range(2 * n)]
+    assert json.loads((run_dir / "train_summary.json").read_text())["global_step"] == steps
