@@ -5,6 +5,10 @@
     raysft data preview|stats [overrides] look at the data a run would see
     raysft export SRC DEST [--merge]      a consolidated Hugging Face model from a run
     raysft plan [--out DIR] [overrides]   rows, tokens, steps, memory, time and cost, without training
+
+  Coming from the alignment-handbook or `trl sft --config` (any command above takes the flags):
+    raysft --trl-config RECIPE.yaml [--accelerate-config ZERO3.yaml] [overrides...]
+    raysft import-recipe RECIPE.yaml [--accelerate-config ZERO3.yaml] > conf/recipe/mine.yaml
 """
 
 from __future__ import annotations
@@ -19,7 +23,11 @@ from omegaconf import DictConfig
 from raysft.config import OverrideKeyError, check_override_keys, register_configs, to_typed
 from raysft.config.compose import CONF_SEARCH_PATH, overrides_in
 
-SUBCOMMANDS = ("data", "export", "plan")
+SUBCOMMANDS = ("data", "export", "plan", "import-recipe")
+
+
+def recipe_flags(argv: list[str]) -> bool:
+    return any(a.split("=", 1)[0] in ("--trl-config", "--accelerate-config") for a in argv)
 
 
 @hydra.main(config_path=CONF_SEARCH_PATH, config_name="config", version_base=None)
@@ -45,8 +53,16 @@ def _train(cfg: DictConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)  # the subcommands and recipe flags, before Hydra's own help
     register_configs()
     try:
+        if argv[:1] == ["import-recipe"] or (argv and argv[0] != "export" and recipe_flags(argv)):
+            from raysft.commands import recipe
+
+            if argv[0] == "import-recipe":
+                return recipe.main(argv[1:])
+            argv = recipe.rewrite_argv(argv)  # --trl-config FILE -> the preset recipe=trl_file
         if argv and argv[0] in SUBCOMMANDS:
             # Imported on use, as above: each subcommand pulls in its own heavy stack.
             if argv[0] == "export":

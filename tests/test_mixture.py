@@ -100,6 +100,29 @@ def test_plan_equals_handbook_on_bundled_sample(config, splits, weights, test_si
     assert_matches_handbook(counts, weights, seed, test_size)
 
 
+@pytest.mark.parametrize("test_size", [1000, 7, 1])
+@pytest.mark.parametrize("seed", [0, 42])
+def test_int_test_split_size_is_a_row_count_as_datasets_reads_it(seed, test_size):
+    """The handbook's ``test_split_size: 1000``: datasets reads an int as a row count. The config's float
+    field carries it as 1000.0; the rows held out are exactly those datasets holds out."""
+    counts = _sample_counts("SFT", ["gsm8k_think", "glaive_toolcall_en_demo_no_think"])
+    plan = plan_mixture(counts, [1.0, 1.0], seed, float(test_size))
+    ref_train, ref_test = handbook_reference(counts, [1.0, 1.0], seed, test_size)
+    assert plan_pairs(plan) == (ref_train, ref_test)
+    assert plan.num_eval == test_size
+    assert plan_pairs(plan_mixture([3000, 257], [0.5, 1.0], seed, float(test_size))) == \
+        handbook_reference([3000, 257], [0.5, 1.0], seed, test_size)
+
+
+def test_int_test_split_size_too_large_or_not_whole():
+    with pytest.raises(ValueError, match="leaves no training rows"):
+        plan_mixture([10, 10], [1.0, 1.0], 0, 20.0)
+    with pytest.raises(ValueError):  # datasets refuses the same split
+        datasets.Dataset.from_dict({"x": list(range(20))}).train_test_split(test_size=20, seed=0)
+    with pytest.raises(ValueError, match="whole number"):
+        plan_mixture([10, 10], [1.0, 1.0], 0, 2.5)
+
+
 def test_per_source_selection_is_datasets_shuffle():
     for n, w, seed in [(1000, 0.5, 0), (37, 1.0, 3), (5, 0.02, 9)]:
         ds = datasets.Dataset.from_dict({"row": list(range(n))}).shuffle(seed=seed).select(range(int(n * w)))
