@@ -4,6 +4,7 @@
     raysft sweep=<preset> [overrides...]  a Ray Tune sweep of full runs
     raysft data preview|stats [overrides] look at the data a run would see
     raysft export SRC DEST [--merge]      a consolidated Hugging Face model from a run
+    raysft upload SRC DEST                upload a folder a run kept on a node when storage was down
     raysft plan [--out DIR] [overrides]   rows, tokens, steps, memory, time and cost, without training
 
   Coming from the alignment-handbook or `trl sft --config` (any command above takes the flags):
@@ -23,7 +24,7 @@ from omegaconf import DictConfig
 from raysft.config import OverrideKeyError, check_override_keys, register_configs, to_typed
 from raysft.config.compose import CONF_SEARCH_PATH, overrides_in
 
-SUBCOMMANDS = ("data", "export", "plan", "import-recipe")
+SUBCOMMANDS = ("data", "export", "plan", "upload", "import-recipe")
 
 
 def recipe_flags(argv: list[str]) -> bool:
@@ -34,6 +35,7 @@ def recipe_flags(argv: list[str]) -> bool:
 def _train(cfg: DictConfig) -> None:
     # NOTE: the orchestration layers (Ray, torch, TRL) are imported only once a run starts, so that
     # `raysft --help`, `--cfg job` and config errors answer in a second.
+    from raysft.run import failures
     from raysft.run.driver import run
     from raysft.sweep import trials
 
@@ -48,7 +50,13 @@ def _train(cfg: DictConfig) -> None:
             print(f"raysft: error: {e}", file=sys.stderr)
             sys.exit(2)
         return
-    run(typed)
+    try:
+        run(typed)
+    except Exception as e:  # noqa: BLE001 - every failure ends in one line and an exit code (run/failures.py)
+        code, line = failures.one_line(e)
+        failures.stop_ray()  # no worker log line may arrive after the one that says what happened
+        print(f"raysft: error: {line}", file=sys.stderr, flush=True)
+        sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
                 from raysft.commands import plan
 
                 return plan.main(argv[1:])
+            if argv[0] == "upload":
+                from raysft.commands import upload
+
+                return upload.main(argv[1:])
             from raysft.commands import data
 
             return data.dispatch(argv)

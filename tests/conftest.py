@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from faults import TcpProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -16,8 +22,46 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@dataclass
+class S3:
+    """moto's S3 server with a cuttable proxy in front: raysft (and every Ray process) talks to the
+    proxy (AWS_ENDPOINT_URL), the test's own ``client`` to moto directly."""
+
+    client: object
+    bucket: str
+    proxy: TcpProxy
+    endpoint: str
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
+def s3():
+    """Started before Ray (``ray_cluster`` depends on it), so every Ray worker inherits the endpoint
+    and credentials the way workers on a cluster get them from their nodes."""
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proxy = TcpProxy(port)
+    endpoint = f"http://127.0.0.1:{proxy.port}"
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
+    for _ in range(150):
+        try:
+            client.create_bucket(Bucket="raysft-test")
+            break
+        except Exception:
+            time.sleep(0.2)
+    yield S3(client, "raysft-test", proxy, endpoint)
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3):
     """A local Ray with 4 logical CPUs (2 train workers + data, on a 2-core machine)."""
     import ray
     import ray.data

@@ -34,33 +34,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def s3_bucket():
-    """moto's S3 server on 127.0.0.1, used through the same code path as AWS (AWS_* environment)."""
-    import boto3
-
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
-    for _ in range(100):
-        try:
-            client.create_bucket(Bucket="raysft-test")
-            break
-        except Exception:
-            time.sleep(0.2)
-    yield client, "raysft-test"
-    proc.terminate()
-    proc.wait(timeout=10)
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+@pytest.fixture
+def s3_bucket(s3):
+    """moto's S3 server on 127.0.0.1 (conftest.s3), used through the same code path as AWS (AWS_* environment)."""
+    s3.proxy.up()
+    return s3.client, s3.bucket
 
 
 def _keys(client, bucket, prefix):

@@ -192,12 +192,15 @@ def test_sweep_early_stops_resumes_after_an_interruption_and_its_best_config_rep
         assert (Path(r["run"]) / "train_summary.json").exists() == (r["status"] == "done")
         assert r["status"] in ("done", "stopped early") and (r["status"] == "done") == (int(r["steps"]) == 6)
     assert (sweep_dir / "trials.png").stat().st_size > 1000
+    # The trials differ only in the learning rate: they all read one prepared data set.
+    assert len(list((tmp_path / "prepared").iterdir())) == 1
 
     best = result.best
     assert best["status"] == "done" and best["trainer.learning_rate"] != 1e-7
     assert best["loss"] == min(float(r["loss"]) for r in rows.values() if r["status"] == "done")
     # The best trial's config, reloaded both ways, is the config that trial ran with.
     trial_cfg = yaml.safe_load((Path(best["run"]) / "config.yaml").read_text())
+    assert trial_cfg.pop("derived")["run_name"] == Path(best["run"]).name  # derived values, recorded apart
     assert trial_cfg["trainer"]["learning_rate"] == best["trainer.learning_rate"]
     for cfg in (cli_compose((sweep_dir / "best_overrides.txt").read_text().split()),
                 cli_compose([], config_dir=str(sweep_dir), config_name="best")):

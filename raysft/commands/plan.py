@@ -355,7 +355,7 @@ def time_plan(cfg: RaySFTConfig, shape, data, steps, measurement=None) -> dict[s
         tps, basis, detail = measured_file.throughput(
             measurement, shape=shape, max_length=cfg.data.max_length, liger=cfg.model.use_liger_kernel,
             mean_seq_len=data["token_weighted_mean_seq_len"], gradient_checkpointing=t.gradient_checkpointing,
-            peft=cfg.peft.enabled, accelerator_type=s.accelerator_type if s.use_gpu else None)
+            peft=cfg.peft.enabled, gpu=s.use_gpu, accelerator_type=s.accelerator_type)
     elif tps is None and s.use_gpu and gpu_facts and shape and data["token_weighted_mean_seq_len"]:
         tps = est.derived_tokens_per_s(shape, gpu_facts[1], mean_seq_len=data["token_weighted_mean_seq_len"],
                                        gradient_checkpointing=t.gradient_checkpointing, peft=cfg.peft.enabled)

@@ -46,6 +46,10 @@ def print_plan(p: dict[str, Any]) -> None:
               f"{e['grads']:.2f} + optimizer {e['optimizer']:.2f} + gathered params {e['gathered_params']:.2f} + "
               f"checkpoints {e['activation_checkpoints']:.2f} + layer activations {e['layer_activations']:.2f} + loss head "
               f"{e['loss_head']:.2f} + overhead {e['overhead']:.1f}")
+        mc = mem.get("measured")
+        if mc:
+            print(f"  corrected by measurement: {mc['total_gb']:.1f} GB ({mc['basis']})" if mc["applied"]
+                  else f"  note: {mc['note']}")
         if mem["gpu_memory_gb"]:
             print(f"  vs {mem['accelerator_type']} {mem['gpu_memory_gb']:.0f} GB: {mem['fraction']:.0%}: {mem['verdict']}")
     if mem.get("note"):

@@ -41,7 +41,16 @@ class ScalingConfig:
     """Data preparation actors per dataset (more on clusters with CPU nodes). The output is the same."""
     max_failures: int = 0
     """Ray Train restarts the worker group this many times after a failure, resuming from the
-    latest checkpoint (``ray.train.FailureConfig``); -1 = forever."""
+    latest checkpoint (``ray.train.FailureConfig``); -1 = forever. Preemptions are not counted here."""
+    max_preemption_failures: int = 0
+    """Restarts after a node preemption (a drain with reason PREEMPTION, e.g. a spot reclaim), counted
+    apart from ``max_failures``; each resumes from the just-in-time checkpoint; -1 = forever."""
+    preemption_check_steps: int = 5
+    """Every this many optimizer steps every worker asks Ray Train for a preemption notice (one small
+    barrier); on a notice the run checkpoints at once, with its data position. 0 = never check."""
+    preemption_grace_s: float = 0.0
+    """How long workers on surviving nodes may run past a preemption's deadline (to finish uploading
+    the just-in-time checkpoint) before Ray Train restarts the group."""
     data_timeout_s: float = 1800.0
     """A worker waiting this long for its next batch fails the run with a message instead of hanging."""
 
@@ -50,6 +59,12 @@ class ScalingConfig:
             raise ValueError(f"scaling.num_workers must be > 0, got {self.num_workers}")
         if self.min_workers is not None and not 0 < self.min_workers <= self.num_workers:
             raise ValueError(f"scaling.min_workers must be in [1, num_workers={self.num_workers}], got {self.min_workers}")
+        for key in ("max_failures", "max_preemption_failures"):
+            if getattr(self, key) < -1:
+                raise ValueError(f"scaling.{key} must be >= -1 (-1 = forever), got {getattr(self, key)}")
+        if self.preemption_check_steps < 0 or self.preemption_grace_s < 0:
+            raise ValueError("scaling.preemption_check_steps and scaling.preemption_grace_s must be >= 0, got "
+                             f"{self.preemption_check_steps} and {self.preemption_grace_s}")
         _check_choice("scaling.placement_strategy", self.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
 
 
@@ -60,6 +75,18 @@ class StorageConfig:
     Endpoint, region and credentials come from the environment (AWS_*), never from the config."""
     name: Optional[str] = None
     """Run name; None = ``<model>-<data>-<timestamp>``. Re-using a name resumes that run."""
+    retry_timeout_s: float = 600.0
+    """How long every storage operation (checkpoint upload, run files, resume scan and download, the
+    final model, prepared data) is retried, with exponential backoff and jitter, through an outage."""
+    max_failed_checkpoints: int = 3
+    """A checkpoint whose upload still fails after the retries is abandoned (a warning names it; its
+    local copy is kept) and training goes on; this many abandoned in a row stop the run."""
+
+    def validate(self) -> None:
+        if self.retry_timeout_s < 0:
+            raise ValueError(f"storage.retry_timeout_s must be >= 0, got {self.retry_timeout_s}")
+        if self.max_failed_checkpoints < 1:
+            raise ValueError(f"storage.max_failed_checkpoints must be >= 1, got {self.max_failed_checkpoints}")
 
 
 @dataclass

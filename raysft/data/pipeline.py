@@ -36,6 +36,7 @@ from raysft.data.stats import (MAX_EXAMPLES, DataQualityError, DataStats, check_
                                merge_unit_stats, new_source_stats)
 from raysft.data.units import Unit, UnitPlan
 from raysft.data.validate import ColumnMap, DuplicateFilter, RowError, detect_format, normalize
+from raysft.storage import retry
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +162,10 @@ class PrepareUnit:
     counts as JSON (the stats pass that sizes the run reads no tensors back); ``mode="write"`` writes
     each unit's rows as a shard of the prepared set ``out`` (a ``PreparedDir``) and yields its counts."""
 
-    def __init__(self, spec: DataSpec, mode: str = "rows", out=None):
+    def __init__(self, spec: DataSpec, mode: str = "rows", out=None, retry_timeout_s: float | None = None):
         self.out = out
+        if retry_timeout_s is not None:
+            retry.configure(retry_timeout_s)  # this actor's storage writes ride out outages as the run's do
         self.spec, self.mode = spec, mode
         self.unit_plan = spec.unit_plan()  # built once per actor: in streaming order it sorts the whole plan
         self.units = {u.index: u for u in self.unit_plan.units("train")}
@@ -308,7 +311,8 @@ class PrepareUnit:
 
 
 def build_dataset(spec: DataSpec, split: str = "train", mode: str = "rows", *, data_cpus: float,
-                  concurrency: int, only: set[tuple[str, int]] | None = None, out=None):
+                  concurrency: int, only: set[tuple[str, int]] | None = None, out=None,
+                  retry_timeout_s: float | None = None):
     """A lazily executed Ray Dataset of packed rows (or per-unit stats) for ``split``
     (``"train"``, ``"eval"``, or ``"all"`` = both, for the stats pass).
 
@@ -324,7 +328,7 @@ def build_dataset(spec: DataSpec, split: str = "train", mode: str = "rows", *, d
         return None
     items = [{"unit": u.index, "split": u.split} for u in units]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    return ds.map_batches(PrepareUnit, fn_constructor_kwargs={"spec": spec, "mode": mode, "out": out}, batch_size=1,
+    return ds.map_batches(PrepareUnit, fn_constructor_kwargs={"spec": spec, "mode": mode, "out": out, "retry_timeout_s": retry_timeout_s}, batch_size=1,
                           num_cpus=data_cpus, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=concurrency))
 
 

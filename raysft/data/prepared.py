@@ -122,7 +122,8 @@ def open_prepared(uri: str) -> PreparedSet:
     return PreparedSet(pdir, json.loads(files.read_bytes(pdir.file(PreparedDir.MANIFEST))), reused=True)
 
 
-def prepare(spec: DataSpec, storage: Storage, *, data_cpus: float, concurrency: int) -> PreparedSet:
+def prepare(spec: DataSpec, storage: Storage, *, data_cpus: float, concurrency: int,
+            retry_timeout_s: float | None = None) -> PreparedSet:
     """The prepared set of ``spec`` under ``storage``: reused when complete, else (re)built, skipping
     the shards a killed prepare already wrote. Raises ``DataQualityError`` (no manifest) when too
     many rows are malformed. Ray must be initialised (the pipeline runs on Ray Data)."""
@@ -141,7 +142,8 @@ def prepare(spec: DataSpec, storage: Storage, *, data_cpus: float, concurrency: 
                  len(done), len(units))
     missing = {u for u in units if u not in done}
     if missing:
-        ds = build_dataset(spec, "all", mode="write", only=missing, out=pdir, data_cpus=data_cpus, concurrency=concurrency)
+        ds = build_dataset(spec, "all", mode="write", only=missing, out=pdir, data_cpus=data_cpus, concurrency=concurrency,
+                           retry_timeout_s=retry_timeout_s)
         for row in ds.iter_rows():
             st = json.loads(row["stats"])
             done[(st["split"], st["unit"])] = st
@@ -161,10 +163,9 @@ def prepare(spec: DataSpec, storage: Storage, *, data_cpus: float, concurrency: 
 
 def _finished_units(pdir: PreparedDir, units: list[tuple[str, int]]) -> dict[tuple[str, int], dict]:
     """Units whose shard a previous prepare wrote completely (one listing per split, then footers)."""
-    fs, path = files.filesystem(pdir.uri)
     present = set()
     for split in ("train", "eval"):
-        for e in fs.get_file_info(pafs.FileSelector(f"{path}/{split}", allow_not_found=True)):
+        for e in files.list_dir(files.join(pdir.uri, split)):
             if e.type == pafs.FileType.File and e.base_name.endswith(".parquet"):
                 present.add(f"{split}/{e.base_name}")
     out = {}

@@ -28,6 +28,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raysft.storage import files
+from raysft.storage.retry import retrying
 
 FORMAT_VERSION = 1
 COLUMNS = {"input_ids": pa.int32(), "labels": pa.int32(), "position_ids": pa.int32(), "source_ids": pa.int16()}
@@ -57,24 +58,32 @@ def write_shard(uri: str, columns: dict[str, np.ndarray], stats: dict[str, Any],
                                                    max_length) for c, t in COLUMNS.items()}
     table = pa.table(arrays).replace_schema_metadata({STATS_KEY: json.dumps(stats).encode()})
     fs, path = files.filesystem(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     local = isinstance(fs, pafs.LocalFileSystem)
     target = f"{path}.tmp-{os.getpid()}" if local else path
-    with fs.open_output_stream(target) as out:
-        pq.write_table(table, out, row_group_size=rows_per_group(max_length), compression="zstd")
-    if local:
-        os.replace(target, path)
+
+    def put() -> None:
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(target) as out:
+            pq.write_table(table, out, row_group_size=rows_per_group(max_length), compression="zstd")
+        if local:
+            os.replace(target, path)
+
+    retrying(f"write {uri}", put)
     return n
 
 
 def shard_stats(uri: str) -> dict[str, Any] | None:
     """The unit counts stored in a finished shard's footer; None when the shard is not there."""
     fs, path = files.filesystem(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return None
-    with fs.open_input_file(path) as f:
-        meta = pq.read_metadata(f).metadata or {}
-    return json.loads(meta[STATS_KEY]) if STATS_KEY in meta else None
+
+    def get() -> dict | None:
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return None
+        with fs.open_input_file(path) as f:
+            return pq.read_metadata(f).metadata or {}
+
+    meta = retrying(f"read {uri}", get)
+    return json.loads(meta[STATS_KEY]) if meta and STATS_KEY in meta else None
 
 
 def train_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
@@ -118,7 +127,7 @@ class PreparedRows:
             if key in self._groups:
                 self._groups.move_to_end(key)
                 return self._groups[key]
-            table = self._file(split, shard).read_row_group(group, columns=list(COLUMNS))
+            table = retrying(f"read {self.shards[split][shard][0]}", lambda: self._read_group(split, shard, group))
             data = {c: table.column(c).combine_chunks().flatten().to_numpy().reshape(-1, self.max_length)
                     for c in COLUMNS}
             self._groups[key] = data
@@ -127,6 +136,13 @@ class PreparedRows:
                 _, old = self._groups.popitem(last=False)
                 self._bytes -= sum(a.nbytes for a in old.values())
             return data
+
+    def _read_group(self, split: str, shard: int, group: int) -> pa.Table:
+        try:
+            return self._file(split, shard).read_row_group(group, columns=list(COLUMNS))
+        except Exception:
+            self._files.pop((split, shard), None)  # reopen on the retry: the connection may be gone
+            raise
 
     def _file(self, split: str, shard: int) -> pq.ParquetFile:
         key = (split, shard)

@@ -12,19 +12,22 @@ from typing import Any
 import ray
 import ray.train
 import yaml
-from ray.train import CheckpointConfig, FailureConfig, RunConfig
+from ray.train import CheckpointConfig, RunConfig
 from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raysft.config import RaySFTConfig, derived, to_plain
 from raysft.config.derived import Derived
-from raysft.config.secrets import redact
+from raysft.config.secrets import hub_token_to_env, redact
 from raysft.data.pipeline import DataSpec, DataStats, build_spec, collect_stats
 from raysft.data.prepared import PreparedSet, prepare
 from raysft.data.prepared import describe as describe_prepared
+from raysft.run import restarts
 from raysft.run import summary as summaries
+from raysft.run.failures import RunFailedError, explain, write_traceback
 from raysft.storage import checkpoints as ckpts
-from raysft.storage import files
+from raysft.storage import files, retry
+from raysft.storage.retry import unsaved_dir
 from raysft.storage.rundir import RunDir, Storage
 from raysft.train import model as models
 from raysft.train.worker import LoopConfig, check_world_size, train_loop
@@ -69,7 +72,8 @@ def prepare_data(cfg: RaySFTConfig, *, date: str | None = None) -> tuple[DataSpe
     is complete, else tokenised and packed now (Ray Data). ``date``: the template date to pin (a
     resumed run's own)."""
     spec = build_spec(cfg.data, models.tokenizer_path(cfg.model), date=date)
-    return spec, prepare(spec, Storage.at(cfg.storage.path), **derived.data_resources(cfg.scaling))
+    return spec, prepare(spec, Storage.at(cfg.storage.path), **derived.data_resources(cfg.scaling),
+                         retry_timeout_s=cfg.storage.retry_timeout_s)
 
 
 def pinned_date(rundir: RunDir) -> str | None:
@@ -101,6 +105,7 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
     """One training run. ``callbacks``: extra Ray Train callbacks for the TorchTrainer's RunConfig
     (a sweep trial passes the one that reports to Ray Tune). ``ray_cpus``: logical CPUs of an
     in-process local Ray, when the caller sizes it (a sweep)."""
+    retry.configure(cfg.storage.retry_timeout_s)
     if cfg.model.init == "pretrained":
         models.check_available(cfg.model)  # fail before Ray starts
     storage = Storage.at(cfg.storage.path)
@@ -108,10 +113,19 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
     name = name or derived.default_run_name(cfg)
     rundir = storage.run(name)
     print(f"raysft: run {name} -> {rundir.uri}", flush=True)
+    print(f"raysft: survives {restarts.survives(cfg)}", flush=True)
     resume_from = rundir.latest_checkpoint() or (ckpts.inspect(init_checkpoint) if init_checkpoint else None)
     if resume_from:
         check_world_size(resume_from.world_size, cfg.scaling.num_workers, cfg, resume_from.uri)  # fail before Ray starts
         print(f"raysft: resuming from step {resume_from.step} ({resume_from.uri})", flush=True)
+    # NOTE: a hub token given as an override reaches the workers as HF_TOKEN in the environment only
+    # (raysft.config.secrets): set here, before a local Ray starts, its workers inherit it.
+    if hub_token_to_env(cfg.trainer.trl_overrides):
+        remote = ray.is_initialized() or cfg.scaling.address or os.environ.get("RAY_ADDRESS")
+        print("raysft: warning: trainer.trl_overrides.hub_token on a command line shows in `ps` and in Ray's job list "
+              "(the job's entrypoint): prefer HF_TOKEN in the environment"
+              + ("; on a running Ray or a cluster the workers read only their own HF_TOKEN (job runtime_env or "
+                 "node environment)" if remote else ""), flush=True)
     init_ray(cfg, num_cpus=ray_cpus)
 
     spec, prepared = prepare_data(cfg, date=cfg.data.date or pinned_date(rundir))
@@ -129,7 +143,8 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
     # Once training starts, the workers need nothing but storage: each reads its own rows of the
     # prepared set (no data actor to lose with its node).
     has_eval = stats.eval_packed_rows >= cfg.scaling.num_workers
-    loop = LoopConfig(cfg=to_plain(cfg), run_root=rundir.root, run_name=name, max_steps=d.max_steps,
+    # Redacted: Ray Train keeps train_loop_config in its run state (dashboard, export events).
+    loop = LoopConfig(cfg=redact(to_plain(cfg)), run_root=rundir.root, run_name=name, max_steps=d.max_steps,
                       source_names=spec.source_names, has_eval=has_eval, prepared_uri=prepared.uri,
                       save_steps=d.save_steps, init_checkpoint=init_checkpoint)
     storage_path, storage_fs = rundir.ray_storage()
@@ -138,17 +153,19 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
         train_loop_config=loop.to_dict(),
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                             failure_config=restarts.failure_config(cfg),
                              worker_runtime_env={"env_vars": files.forwarded_env()}, callbacks=callbacks,
                              checkpoint_config=checkpoint_config(cfg)),
     )
     started = time.perf_counter()
-    result = trainer.fit()
-    kept = {c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in (result.best_checkpoints or [])}
-    if result.checkpoint:
-        kept.add(result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
-    for uri in rundir.prune(kept):
-        print(f"raysft: removed checkpoint {uri} (not kept by Ray Train: an orphan or an incomplete upload)", flush=True)
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001 - turned into one line; the traceback goes to a file
+        raise RunFailedError(explain(e, save_traceback(e, rundir))) from e
+    t = cfg.trainer
+    for uri in rundir.apply_retention(keep=t.save_total_limit, score_key=t.metric_for_best_model,
+                                      greater_is_better=t.greater_is_better):
+        print(f"raysft: removed checkpoint {uri} (retention, or an upload that never completed)", flush=True)
     summary = summaries.summarize(rundir, time.perf_counter() - started)
     print(f"raysft: {summary['steps']} steps, {summary['tokens']:,.0f} tokens in {summary['wall_time_s']:.0f} s "
           f"({summary['tokens_per_s']} tokens/s); train loss {summary['first_train_loss']} -> "
@@ -157,12 +174,25 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
     return RunResult(rundir.uri, d.max_steps, stats, dict(result.metrics or {}))
 
 
+def save_traceback(e: BaseException, rundir: RunDir) -> str | None:
+    """The failure's full traceback in the run's ``logs/`` (on this machine when the run lives in
+    object storage, then copied there if storage answers)."""
+    local = rundir.local_path or unsaved_dir(rundir.name)
+    path = write_traceback(e, os.path.join(local, RunDir.LOGS, "driver-error.txt"))
+    if path and not rundir.local_path:
+        try:
+            retry.retrying("upload the traceback", lambda: files.write_bytes(rundir.file(f"{RunDir.LOGS}/driver-error.txt"),
+                                                                          open(path, "rb").read()), timeout_s=10)
+        except Exception:  # noqa: BLE001 - the local copy is named in the error line
+            pass
+    return path
+
+
 def checkpoint_config(cfg: RaySFTConfig) -> CheckpointConfig:
-    t = cfg.trainer
-    if t.metric_for_best_model:
-        return CheckpointConfig(num_to_keep=t.save_total_limit, checkpoint_score_attribute=t.metric_for_best_model,
-                                checkpoint_score_order="max" if t.greater_is_better else "min")
-    return CheckpointConfig(num_to_keep=t.save_total_limit)
+    """Ray Train keeps every checkpoint it registers: raysft applies ``trainer.save_total_limit`` /
+    ``metric_for_best_model`` itself (``storage.checkpoints.apply_retention``), because Ray would
+    count an abandoned upload as a checkpoint and delete the last complete one for it."""
+    return CheckpointConfig(num_to_keep=None)
 
 
 def scaling_config(cfg: RaySFTConfig) -> RayScalingConfig:

@@ -86,8 +86,8 @@ class CheckpointInfo:
 
 def inspect(uri: str) -> CheckpointInfo:
     """A checkpoint folder in storage (local or S3), checked without downloading its shards."""
-    fs, path = files.filesystem(uri)
-    listing = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    path = files.filesystem(uri)[1]
+    listing = files.list_dir(uri, recursive=True)
     sizes = {i.path[len(path):].lstrip("/"): i.size for i in listing if i.type == pafs.FileType.File}
 
     def read(rel: str) -> str:
@@ -100,8 +100,7 @@ def inspect(uri: str) -> CheckpointInfo:
 
 def scan(run_uri: str) -> list[CheckpointInfo]:
     """Every ``checkpoint_*`` folder of a run, oldest first (Ray names them by timestamp)."""
-    fs, path = files.filesystem(run_uri)
-    entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    entries = files.list_dir(run_uri)
     names = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_"))
     return [inspect(files.join(run_uri, n)) for n in names]
 
@@ -147,9 +146,38 @@ def prune(run_uri: str, keep: set[str]) -> list[str]:
     return removed
 
 
+def apply_retention(run_uri: str, *, keep: int, score_key: str | None = None, greater_is_better: bool = False,
+                    found: list[CheckpointInfo] | None = None) -> list[str]:
+    """Delete what the retention policy does not keep, and return the URIs deleted: keep the newest
+    complete checkpoint and the ``keep`` newest complete ones (or the ``keep`` best by ``score_key``,
+    from each checkpoint's state); delete the others and every incomplete folder, but only among
+    those older than the newest complete one, so an upload still in flight is never touched.
+
+    NOTE: raysft keeps its checkpoints itself rather than through Ray Train's ``num_to_keep``: Ray
+    counts an abandoned (never completed) upload as a checkpoint and would delete the last complete
+    one to make room for it."""
+    found = scan(run_uri) if found is None else found
+    complete = [c for c in found if c.complete]
+    if not complete:
+        return []
+    newest = max(complete, key=lambda c: (c.step, c.uri))
+    if score_key:
+        scored = [c for c in complete if (c.state or {}).get("score") is not None]
+        ranked = sorted(scored, key=lambda c: c.state["score"], reverse=greater_is_better)
+    else:
+        ranked = sorted(complete, key=lambda c: (c.step, c.uri), reverse=True)
+    kept = {newest.uri, *(c.uri for c in ranked[:keep])}
+    horizon = newest.uri.rstrip("/").rsplit("/", 1)[-1]
+    removed = []
+    for c in found:
+        if c.uri not in kept and c.uri.rstrip("/").rsplit("/", 1)[-1] < horizon:
+            _delete(c.uri)
+            removed.append(c.uri)
+    return removed
+
+
 def _delete(uri: str) -> None:
-    fs, path = files.filesystem(uri)
-    fs.delete_dir(path)
+    files.delete_dir(uri)
 
 
 def read_state(ckpt_dir: str | Path) -> dict[str, Any]:

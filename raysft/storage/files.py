@@ -2,12 +2,13 @@
 
 Ray Train itself stores checkpoints through ``pyarrow.fs``; using the same layer here means S3
 endpoint, region and credentials come from the same environment variables (``AWS_*``) and never
-from the config.
+from the config. Every call here is retried through a storage outage (``retry.py``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -15,6 +16,9 @@ import boto3
 import pyarrow.fs as pafs
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
+
+from raysft.config.secrets import SECRET_ENV
+from raysft.storage.retry import retrying
 
 
 def is_remote(uri: str) -> bool:
@@ -34,13 +38,17 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
-# Environment forwarded from the launching process to Ray Train workers at run time (credentials
-# and endpoints for storage and trackers). Never written into a config or a run directory.
+# Environment forwarded from the launching process to Ray Train workers at run time (endpoints,
+# regions, projects for storage and trackers), through the workers' runtime_env.
+# NOTE: never a credential (SECRET_ENV: keys, tokens): Ray writes a runtime_env verbatim to
+# runtime_env_agent.log on every node and into Ray Train's run state. Workers of a local Ray
+# started by the run inherit the driver's environment; on a cluster credentials come from the
+# job's runtime_env or the nodes (README "Credentials on a cluster").
 FORWARDED_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "HF_", "WANDB_", "TRACKIO_")
 
 
 def forwarded_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) and not SECRET_ENV.search(k)}
 
 
 def join(uri: str, *parts: str) -> str:
@@ -48,21 +56,42 @@ def join(uri: str, *parts: str) -> str:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object (an object store publishes it only complete; retried as a whole)."""
     fs, path = filesystem(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+
+    def put() -> None:
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+    retrying(f"write {uri}", put)
 
 
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read()
+
+    def get() -> bytes:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    return retrying(f"read {uri}", get)
 
 
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return retrying(f"stat {uri}", lambda: fs.get_file_info(path).type != pafs.FileType.NotFound)
+
+
+def list_dir(uri: str, *, recursive: bool = False) -> list[pafs.FileInfo]:
+    """The entries under ``uri`` (none if it does not exist)."""
+    fs, path = filesystem(uri)
+    return retrying(f"list {uri}", lambda: fs.get_file_info(pafs.FileSelector(path, recursive=recursive,
+                                                                               allow_not_found=True)))
+
+
+def delete_dir(uri: str) -> None:
+    fs, path = filesystem(uri)
+    retrying(f"delete {uri}", lambda: fs.delete_dir(path))
 
 
 # pyarrow's copy_files moves 1 MB per request by default; against S3 that is one ranged GET per MB
@@ -71,15 +100,28 @@ def exists(uri: str) -> bool:
 CHUNK = 64 << 20
 
 
+# Written after every other file of a folder: a checkpoint's manifests and state name what is in it.
+LAST = re.compile(r"^raysft_(manifest_rank\d+|state)\.json$")
+
+
 def upload_dir(local_dir: str | Path, uri: str) -> None:
-    """Copy a local directory tree to ``uri`` (local or remote)."""
+    """Copy a local directory tree to ``uri`` (local or remote), its manifests last, each file
+    retried through a storage outage."""
     if uri.startswith("s3://"):
         return _upload_dir_s3(Path(local_dir), uri)
     fs, path = filesystem(uri)
-    fs.create_dir(path, recursive=True)
-    # Multi-threaded uploads to S3 are unsafe in pyarrow (apache/arrow#32372; Ray Train avoids them too).
-    pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs,
-                    chunk_size=CHUNK, use_threads=not isinstance(fs, pafs.S3FileSystem))
+    local = Path(local_dir)
+    retrying(f"mkdir {uri}", lambda: fs.create_dir(path, recursive=True))
+    found = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (bool(LAST.match(p.name)), str(p)))
+    for p in found:
+        dest = f"{path}/{p.relative_to(local).as_posix()}"
+
+        def copy(p=p, dest=dest) -> None:
+            fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
+            pafs.copy_files(str(p), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs,
+                            chunk_size=CHUNK, use_threads=False)
+
+        retrying(f"upload {p.name} to {uri}", copy)
 
 
 def _upload_dir_s3(local_dir: Path, uri: str) -> None:
@@ -91,11 +133,28 @@ def _upload_dir_s3(local_dir: Path, uri: str) -> None:
     client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
                           config=Config(max_pool_connections=24))
     config = TransferConfig(max_concurrency=20)  # 8 MB parts (s3transfer default), 20 in flight
+    found = [p for p in sorted(local_dir.rglob("*")) if p.is_file()]
+
+    def key(p: Path) -> str:
+        return "/".join(x for x in (prefix.rstrip("/"), p.relative_to(local_dir).as_posix()) if x)
+
     with create_transfer_manager(client, config) as manager:
-        futures = [manager.upload(str(p), bucket, "/".join(x for x in (prefix.rstrip("/"), str(p.relative_to(local_dir))) if x))
-                   for p in sorted(local_dir.rglob("*")) if p.is_file()]
-        for f in futures:
-            f.result()
+        for batch in ([p for p in found if not LAST.match(p.name)], [p for p in found if LAST.match(p.name)]):
+            futures = {p: manager.upload(str(p), bucket, key(p)) for p in batch}
+            for p, f in futures.items():
+                # A file whose transfer failed is sent again (alone) until the storage deadline.
+                retrying(f"upload {p.name} to {uri}", _sent(manager, f, p, bucket, key(p)))
+
+
+def _sent(manager, future, p: Path, bucket: str, key: str):
+    """A callable that waits for the submitted transfer the first time, and sends the file again on
+    every later call (each retry)."""
+    tries = iter(range(1 << 30))
+
+    def attempt() -> None:
+        (future if next(tries) == 0 else manager.upload(str(p), bucket, key)).result()
+
+    return attempt
 
 
 def download_dir(uri: str, local_dir: str | Path | None = None) -> Path:
@@ -104,5 +163,6 @@ def download_dir(uri: str, local_dir: str | Path | None = None) -> Path:
     local = Path(local_dir or tempfile.mkdtemp(prefix="raysft-"))
     local.mkdir(parents=True, exist_ok=True)  # pyarrow's copy_files does not create the destination
     fs, path = filesystem(uri)
-    pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem(), chunk_size=CHUNK)
+    retrying(f"download {uri}", lambda: pafs.copy_files(path, str(local), source_filesystem=fs,
+                                                        destination_filesystem=pafs.LocalFileSystem(), chunk_size=CHUNK))
     return local

@@ -24,6 +24,7 @@ import pyarrow.fs as pafs
 
 from raysft.storage import checkpoints as ckpts
 from raysft.storage import files
+from raysft.storage.retry import retrying_filesystem
 
 
 def absolute(uri: str) -> str:
@@ -65,6 +66,7 @@ class RunDir(_NamedDir):
     LOSS_PLOT = "loss.png"
     MODEL = "model"
     WORKERS = "workers"
+    LOGS = "logs"
 
     @property
     def local_path(self) -> str | None:
@@ -82,10 +84,11 @@ class RunDir(_NamedDir):
 
     def ray_storage(self) -> tuple[str, pafs.FileSystem | None]:
         """``(storage_path, storage_filesystem)`` for Ray Train's RunConfig: Ray stores through the
-        same pyarrow filesystem as our own files (S3 endpoint included)."""
+        same pyarrow filesystem as our own files (S3 endpoint included), wrapped so that Ray's own
+        calls ride out an outage too."""
         if files.is_remote(self.root):
             fs, path = files.filesystem(self.root)
-            return path, fs
+            return path, retrying_filesystem(fs)
         return self.root, None
 
     # ------------------------------------------------------------------ checkpoints
@@ -101,8 +104,11 @@ class RunDir(_NamedDir):
         return ckpts.remove_incomplete(self.uri, found)
 
     def prune(self, keep: set[str]) -> list[str]:
-        """Delete checkpoint folders whose names are not in ``keep`` (what Ray Train kept)."""
+        """Delete checkpoint folders whose names are not in ``keep``."""
         return ckpts.prune(self.uri, keep)
+
+    def apply_retention(self, *, keep: int, score_key: str | None, greater_is_better: bool) -> list[str]:
+        return ckpts.apply_retention(self.uri, keep=keep, score_key=score_key, greater_is_better=greater_is_better)
 
 
 @dataclass(frozen=True)
@@ -147,9 +153,8 @@ class Storage:
     def latest_run(self) -> str | None:
         """The run whose newest complete checkpoint is the most recent (Ray names checkpoint folders
         by timestamp)."""
-        fs, path = files.filesystem(self.root)
         best: tuple[str, str] | None = None
-        for e in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        for e in files.list_dir(self.root):
             if e.type != pafs.FileType.Directory or e.base_name == PreparedDir.FOLDER:
                 continue
             done = [c for c in self.run(e.base_name).checkpoints() if c.complete]

@@ -1,8 +1,18 @@
-"""The Trainer callback that hands every saved checkpoint to Ray Train (which uploads it to the run
-directory in storage; see ``raysft/storage/checkpoints.py`` for what makes one complete)."""
+"""The Trainer callback that hands every saved checkpoint to Ray Train, which uploads it (through
+our upload function) into the run directory in storage; see ``raysft/storage/checkpoints.py`` for
+what makes one complete and which are kept.
+
+A storage outage does not end the run: each upload is retried up to ``storage.retry_timeout_s``;
+a checkpoint whose upload still fails is abandoned (a warning names it, it never counts as
+complete, its local copy is kept until a later checkpoint uploads) and training goes on, until
+``storage.max_failed_checkpoints`` in a row have failed.
+"""
 
 from __future__ import annotations
 
+import logging
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray.train
@@ -10,21 +20,38 @@ from transformers import TrainerCallback
 
 from raysft.storage import files
 from raysft.storage.checkpoints import write_manifest
+from raysft.storage.retry import StorageUnavailableError
+from raysft.storage.rundir import RunDir
+
+log = logging.getLogger("raysft")
+
+
+@dataclass(frozen=True)
+class Retention:
+    keep: int
+    """``trainer.save_total_limit``: complete checkpoints kept (the newest one always)."""
+    score_key: str | None = None
+    """``trainer.metric_for_best_model``: keep the best by this eval metric instead of the newest."""
+    greater_is_better: bool = False
 
 
 class RayCheckpointCallback(TrainerCallback):
     """After the Trainer saves ``checkpoint-N`` (every rank, ZeRO-3 shards included), report it to Ray
-    Train from every rank; Ray merges the ranks' folders into one checkpoint in storage.
+    Train from every rank; the ranks' folders land in one checkpoint folder in storage.
 
-    ``state_fn(trainer_state)`` gives what raysft adds (token count, data cursor; rank 0 writes it).
-    The latest eval metrics travel with the report, so Ray can keep the best checkpoints by
-    ``trainer.metric_for_best_model``; ``missing_score`` stands in before the first evaluation."""
+    ``state_fn(trainer_state)`` gives what raysft adds (token count, data cursor; rank 0 writes it);
+    the latest value of the retention metric travels in the state as ``score``."""
 
-    def __init__(self, rank: int, world_size: int, state_fn, *, run_uri: str, score_key: str | None = None,
-                 missing_score: float = float("inf")):
-        self.rank, self.world_size, self.state_fn, self.run_uri = rank, world_size, state_fn, run_uri
-        self.score_key, self.missing_score = score_key, missing_score
+    on_uploaded = None
+    """``f(step, uri)``, called on the upload thread once this rank's part of checkpoint ``step`` is in
+    storage (the preemption callback times its just-in-time checkpoint with it)."""
+
+    def __init__(self, rank: int, world_size: int, state_fn, *, run: RunDir, retention: Retention,
+                 max_failed: int, keep_dir: str):
+        self.rank, self.world_size, self.state_fn, self.run = rank, world_size, state_fn, run
+        self.retention, self.max_failed, self.keep_dir = retention, max_failed, Path(keep_dir)
         self.last_eval: dict[str, float] = {}
+        self.failed_in_a_row = 0
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         self.last_eval = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
@@ -33,10 +60,10 @@ class RayCheckpointCallback(TrainerCallback):
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         ckpt.mkdir(parents=True, exist_ok=True)
         extra = self.state_fn(state) if self.rank == 0 else {}
+        if self.rank == 0 and self.retention.score_key:
+            extra["score"] = self.last_eval.get(self.retention.score_key)
         write_manifest(ckpt, self.rank, self.world_size, {"world_size": self.world_size, **extra})
         metrics = {"global_step": state.global_step, "checkpoint_step": state.global_step, **self.last_eval}
-        if self.score_key:
-            metrics.setdefault(self.score_key, self.missing_score)
         # ASYNC: training goes on while the upload runs (the stall is the local save); Ray registers the
         # checkpoint, then deletes the local copy, once the upload is done. A worker dying mid-upload
         # leaves an incomplete folder that the manifests expose (and `remove_incomplete` deletes).
@@ -45,7 +72,34 @@ class RayCheckpointCallback(TrainerCallback):
                          checkpoint_upload_fn=self._upload)
 
     def _upload(self, checkpoint, checkpoint_dir_name: str):
-        dest = files.join(self.run_uri, checkpoint_dir_name)
-        files.upload_dir(checkpoint.path, dest)
-        fs, path = files.filesystem(dest)
-        return ray.train.Checkpoint(path=path, filesystem=fs)
+        dest = self.run.file(checkpoint_dir_name)
+        try:
+            files.upload_dir(checkpoint.path, dest)
+        except StorageUnavailableError as e:
+            self._abandon(checkpoint.path, checkpoint_dir_name, e)
+        else:
+            self.failed_in_a_row = 0
+            shutil.rmtree(self.keep_dir, ignore_errors=True)  # a later checkpoint is safe in storage
+            if self.on_uploaded is not None:  # the Trainer's folder is checkpoint-<step> (on_save)
+                self.on_uploaded(int(Path(checkpoint.path).name.rsplit("-", 1)[-1]), dest)
+            if self.rank == 0:
+                r = self.retention
+                for uri in self.run.apply_retention(keep=r.keep, score_key=r.score_key, greater_is_better=r.greater_is_better):
+                    log.info("raysft: removed checkpoint %s (retention: trainer.save_total_limit=%d)", uri, r.keep)
+        # Ray checks the checkpoint lives on its own storage filesystem (ours retries Ray's calls too).
+        storage = ray.train.get_context().get_storage()
+        return ray.train.Checkpoint(path=files.filesystem(dest)[1], filesystem=storage.storage_filesystem)
+
+    def _abandon(self, local: str, name: str, error: Exception) -> None:
+        self.failed_in_a_row += 1
+        kept = self.keep_dir / name
+        shutil.rmtree(self.keep_dir, ignore_errors=True)  # only the newest abandoned one is kept
+        shutil.copytree(local, kept)
+        log.warning("raysft: checkpoint %s abandoned (%s); it is not resumable from storage. Training goes on; its "
+                    "local copy stays at %s until a later checkpoint uploads (%d of storage.max_failed_checkpoints=%d "
+                    "in a row)", name, error, kept, self.failed_in_a_row, self.max_failed)
+        if self.failed_in_a_row >= self.max_failed:
+            raise StorageUnavailableError(
+                f"{self.failed_in_a_row} checkpoints in a row could not be uploaded to {self.run.uri}; the newest is "
+                f"kept at {kept} on this node. Restore storage access, then upload it with: raysft upload {kept} "
+                f"{self.run.file(name)}") from error

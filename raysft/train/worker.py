@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,15 +21,19 @@ from trl import SFTConfig
 
 from raysft.config import RaySFTConfig, from_plain
 from raysft.config.derived import grad_accum_for
+from raysft.config.secrets import without_secrets
 from raysft.data.prepared import open_prepared
 from raysft.data.shards import RowStream
 from raysft.storage import checkpoints as ckpts
 from raysft.storage import files
+from raysft.storage import retry
+from raysft.storage.retry import StorageUnavailableError, unsaved_dir
 from raysft.storage.rundir import RunDir
 from raysft.train import model as models
-from raysft.train.checkpoint import RayCheckpointCallback
+from raysft.train.checkpoint import RayCheckpointCallback, Retention
 from raysft.train.deepspeed import deepspeed_config, patch_accelerate_for_cpu_deepspeed
 from raysft.train.metrics import MetricsCallback, SampleCallback
+from raysft.train.preemption import PreemptionCallback
 from raysft.train.batches import EvalBatches, TrainBatches, row_digests
 from raysft.train.trainer import RaySFTTrainer
 
@@ -104,7 +110,9 @@ def build_sft_args(cfg: RaySFTConfig, *, output_dir: str, max_steps: int, has_ev
         ddp_find_unused_parameters=False,
         include_num_input_tokens_seen="no",
     )
-    kwargs.update(t.trl_overrides)
+    # NOTE: no secret in the SFTConfig: the Trainer pickles it into training_args.bin of every
+    # checkpoint and of the model. hub_token reaches the hub client as HF_TOKEN (config/secrets.py).
+    kwargs.update(without_secrets(t.trl_overrides))
     return SFTConfig(**kwargs)
 
 
@@ -112,6 +120,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # ---------------------------------------------------------------- setup
     lc = LoopConfig(**loop_config)
     cfg = from_plain(lc.cfg)
+    retry.configure(cfg.storage.retry_timeout_s)
     rundir = RunDir(lc.run_root, lc.run_name)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -169,13 +178,18 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                               peak_flops_per_device=cfg.monitor.peak_tflops_per_gpu * 1e12 if cuda else None)
     samples = SampleCallback(tokenizer, list(cfg.monitor.sample_prompts), every_steps=cfg.monitor.sample_every_steps,
                              max_new_tokens=cfg.monitor.sample_max_new_tokens, metrics=metrics)
-    best = cfg.trainer.metric_for_best_model
-    saver = RayCheckpointCallback(rank, world, checkpoint_state, run_uri=rundir.uri, score_key=best,
-                                  missing_score=float("-inf") if cfg.trainer.greater_is_better else float("inf"))
+    t = cfg.trainer
+    saver = RayCheckpointCallback(rank, world, checkpoint_state, run=rundir,
+                                  retention=Retention(t.save_total_limit, t.metric_for_best_model, t.greater_is_better),
+                                  max_failed=cfg.storage.max_failed_checkpoints,
+                                  keep_dir=os.path.join(unsaved_dir(run_name), f"checkpoint-rank{rank}"))
+    # On a preemption notice: save now (a just-in-time checkpoint through `saver`), timed to complete.
+    preempt = PreemptionCallback(cfg.scaling.preemption_check_steps, rank=rank, metrics_path=metrics.path)
+    saver.on_uploaded = preempt.checkpoint_uploaded
     trainer = RaySFTTrainer(
         model=net, args=args, train_dataset=placeholder, eval_dataset=placeholder if lc.has_eval else None,
         processing_class=tokenizer, peft_config=models.lora_config(cfg.peft) if cfg.peft.enabled else None,
-        callbacks=[metrics, samples, saver], train_batches=train_batches, eval_batches=eval_batches,
+        callbacks=[metrics, samples, saver, preempt], train_batches=train_batches, eval_batches=eval_batches,
         source_names=lc.source_names,
     )
     if rank == 0 and cfg.peft.enabled:
@@ -187,8 +201,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         # TRL counts tokens from 0 in every process; continue the count where the checkpoint left it.
         trainer._total_train_tokens = metrics.resume_tokens = restored.get("num_tokens", 0)
         log.info("resuming from step %d, data position %s (%s)", step0, cursor0, resume_dir)
-    result = trainer.train(resume_from_checkpoint=resume_dir)
-    final_eval = trainer.evaluate() if lc.has_eval else {}
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_dir)
+        final_eval = trainer.evaluate() if lc.has_eval else {}
+    except Exception as e:
+        e.add_note(f"raysft: rank {rank}, step {trainer.state.global_step + 1}")  # named in the one-line error
+        raise
 
     # ---------------------------------------------------------------- save
     model_dir = os.path.join(scratch, RunDir.MODEL)
@@ -198,18 +216,43 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         summary = {"global_step": trainer.state.global_step, "train_loss_mean": result.training_loss,
                    "train_runtime_s": result.metrics.get("train_runtime"), "num_tokens": trainer._total_train_tokens,
                    "rows_consumed_rank0": train_batches.rows_consumed, "resumed_from_step": step0, **final_eval}
-        files.upload_dir(model_dir, rundir.file(RunDir.MODEL))
+        _upload_final_model(model_dir, rundir)
         files.write_bytes(rundir.file(RunDir.TRAIN_SUMMARY), json.dumps(summary, indent=1).encode())
         if not local_run:
-            files.write_bytes(rundir.file(RunDir.METRICS), open(metrics.path, "rb").read())
+            _best_effort(lambda: files.write_bytes(rundir.file(RunDir.METRICS), open(metrics.path, "rb").read()), "metrics")
     if audit:
-        audit.finish()
+        _best_effort(audit.finish, "the batch audit log")
     # Per-rank record: what this worker consumed and how it was wrapped (DDP / DeepSpeed).
-    files.write_bytes(rundir.worker_record(rank), json.dumps({
+    record = json.dumps({
         "rank": rank, "world_size": world, "rows_consumed": train_batches.rows_consumed,
         "global_step": trainer.state.global_step, "wrapped_model": type(trainer.model_wrapped).__name__,
         "attn_implementation": accel.attn_implementation, "gradient_accumulation_steps": grad_accum,
-    }).encode())
+    }).encode()
+    _best_effort(lambda: files.write_bytes(rundir.worker_record(rank), record), f"workers/rank_{rank}.json")
+
+
+def _best_effort(write, what: str) -> None:
+    """A record that is not the model: when storage stays down past the retries it is lost with a
+    warning, and the run's outcome is the model's (rank 0 keeps it locally and fails with one line)."""
+    try:
+        write()
+    except StorageUnavailableError as e:
+        log.warning("raysft: %s was not written: %s", what, e)
+
+
+def _upload_final_model(model_dir: str, rundir: RunDir) -> None:
+    """Upload the trained model; when storage stays down past the retries, keep it on this node under
+    a name a person can find and fail the run with one line that says how to upload it later."""
+    dest = rundir.file(RunDir.MODEL)
+    try:
+        files.upload_dir(model_dir, dest)
+    except StorageUnavailableError as e:
+        kept = os.path.join(unsaved_dir(rundir.name), RunDir.MODEL)
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.move(model_dir, kept)
+        raise StorageUnavailableError(f"the trained model could not be uploaded to {dest} ({e}); it is kept at "
+                                      f"{kept} on node {socket.gethostname()}. Upload it when storage is back: "
+                                      f"raysft upload {kept} {dest}") from None
 
 
 def _restore(lc: LoopConfig, cfg: RaySFTConfig, scratch: str, rank: int, world: int) -> tuple[str | None, dict[str, Any]]:

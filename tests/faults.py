@@ -1,0 +1,99 @@
+"""Real faults for the tests: a TCP proxy that cuts every connection to a server, as toxiproxy does."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0): the peer sees 'connection reset', as when a network path drops."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    except OSError:
+        pass
+
+
+class TcpProxy:
+    """Listens on 127.0.0.1 (``port``) and forwards to ``127.0.0.1:target_port``. ``down()`` resets every
+    open connection and every new one until ``up()``: the server is unreachable for the clients."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self._listen = socket.socket()
+        self._listen.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listen.bind(("127.0.0.1", 0))
+        self._listen.listen(128)
+        self.port = self._listen.getsockname()[1]
+        self._down = threading.Event()
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self.refused = 0
+        threading.Thread(target=self._accept, daemon=True, name="tcp-proxy").start()
+
+    @property
+    def is_down(self) -> bool:
+        return self._down.is_set()
+
+    def down(self) -> None:
+        self._down.set()
+        with self._lock:
+            conns, self._open = list(self._open), set()
+        for c in conns:
+            _reset(c)
+
+    def up(self) -> None:
+        self._down.clear()
+
+    def outage(self, seconds: float) -> threading.Thread:
+        """Down now, up again after ``seconds`` (on a thread)."""
+        self.down()
+
+        def restore() -> None:
+            time.sleep(seconds)
+            self.up()
+
+        t = threading.Thread(target=restore, daemon=True, name="tcp-proxy-outage")
+        t.start()
+        return t
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listen.accept()
+            except OSError:
+                return
+            if self._down.is_set():
+                self.refused += 1
+                _reset(client)
+                continue
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+            except OSError:
+                _reset(client)
+                continue
+            with self._lock:
+                self._open |= {client, server}
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with self._lock:
+                    self._open.discard(s)
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass

@@ -1,0 +1,179 @@
+"""Storage that rides out blips, produced for real: a TCP proxy (tests/faults.py) between raysft and
+moto's S3 server cuts every connection, during a checkpoint upload and at the final save."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, compose
+
+from raysft.storage import checkpoints as ckpts
+from raysft.storage import files, retry
+
+
+@pytest.fixture
+def s3_up(s3):
+    s3.proxy.up()
+    yield s3
+    s3.proxy.up()
+
+
+def _keys(s3, prefix: str) -> list[str]:
+    out = []
+    for page in s3.client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix=prefix):
+        out += [o["Key"] for o in page.get("Contents", [])]
+    return out
+
+
+# ----------------------------------------------------------------------------- the retry loop
+
+
+def test_a_write_during_an_outage_waits_for_storage_and_lands(s3_up):
+    uri = f"s3://{s3_up.bucket}/retry/a.json"
+    retry.configure(60)
+    s3_up.proxy.outage(3.0)
+    t0 = time.monotonic()
+    files.write_bytes(uri, b"{}")
+    assert time.monotonic() - t0 >= 2.5  # it waited for the outage, then succeeded
+    assert files.read_bytes(uri) == b"{}"
+
+
+def test_past_the_deadline_it_fails_with_one_clear_error(s3_up):
+    retry.configure(2)
+    s3_up.proxy.down()
+    try:
+        with pytest.raises(retry.StorageUnavailableError, match=r"write s3://.*/retry/b.json: storage unreachable for 2 s"):
+            files.write_bytes(f"s3://{s3_up.bucket}/retry/b.json", b"x")
+    finally:
+        s3_up.proxy.up()
+        retry.configure(600)
+
+
+def test_answers_are_not_retried(s3_up, tmp_path):
+    retry.configure(60)
+    t0 = time.monotonic()
+    with pytest.raises(OSError):
+        files.read_bytes(f"s3://{s3_up.bucket}/retry/never-written.json")
+    with pytest.raises(FileNotFoundError):
+        files.read_bytes(str(tmp_path / "missing"))
+    assert time.monotonic() - t0 < 5
+
+
+def _fake(run: Path, name: str, step: int, *, score: float | None = None, complete: bool = True) -> None:
+    d = run / name
+    d.mkdir(parents=True)
+    (d / "weights.bin").write_bytes(b"w" * step)
+    ckpts.write_manifest(d, 0, 1, {"global_step": step, "world_size": 1, "score": score})
+    if not complete:
+        (d / "weights.bin").write_bytes(b"")
+
+
+def test_retention_keeps_the_newest_and_never_touches_an_upload_in_flight(tmp_path):
+    run = tmp_path / "run"
+    _fake(run, "checkpoint_01", 2, score=3.0)
+    _fake(run, "checkpoint_02", 4, score=1.0)
+    _fake(run, "checkpoint_03", 6, score=2.0, complete=False)  # abandoned: never completed
+    _fake(run, "checkpoint_04", 8, score=5.0)
+    _fake(run, "checkpoint_05", 10, score=4.0, complete=False)  # newer than the newest complete: in flight
+    best = ckpts.apply_retention(str(run), keep=1, score_key="eval_loss", found=ckpts.scan(str(run)))
+    assert sorted(Path(u).name for u in best) == ["checkpoint_01", "checkpoint_03"]  # kept: best (02), newest (04)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint_02", "checkpoint_04", "checkpoint_05"]
+    newest = ckpts.apply_retention(str(run), keep=1)
+    assert [Path(u).name for u in newest] == ["checkpoint_02"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint_04", "checkpoint_05"]
+
+
+# ----------------------------------------------------------------------------- real runs
+
+OUTAGE_S = 25
+
+
+def _cut_when_a_checkpoint_uploads(s3, prefix: str, done: list, stop: threading.Event) -> None:
+    """Once the first checkpoint object appears (its upload has started), cut storage for OUTAGE_S."""
+    while not stop.is_set():
+        if any("/checkpoint_" in k for k in _keys(s3, prefix)):
+            s3.proxy.outage(OUTAGE_S)
+            done.append(time.monotonic())
+            return
+        time.sleep(0.1)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_storage_outage_during_a_checkpoint_upload_does_not_end_the_run(ray_cluster, s3_up):
+    from raysft.run import driver
+
+    name, steps = "outage", 18
+    cut: list[float] = []
+    stop = threading.Event()
+    threading.Thread(target=_cut_when_a_checkpoint_uploads, args=(s3_up, f"runs/{name}/", cut, stop), daemon=True).start()
+    try:
+        result = driver.run(compose(f"storage.path=s3://{s3_up.bucket}/runs", f"storage.name={name}",
+                                    f"trainer.max_steps={steps}", "trainer.save_strategy=steps", "trainer.save_steps=3",
+                                    "trainer.save_total_limit=100", "trainer.eval_steps=null", "monitor.sample_prompts=[]",
+                                    "storage.retry_timeout_s=8", "storage.max_failed_checkpoints=6"))
+    finally:
+        stop.set()
+    assert cut, "storage was never cut"
+    assert result.max_steps == steps
+    run_uri = f"s3://{s3_up.bucket}/runs/{name}"
+    found = ckpts.scan(run_uri)
+    complete = sorted(c.step for c in found if c.complete)
+    # Nothing half-written survives the run: every checkpoint folder left is complete.
+    assert all(c.complete for c in found), [(c.uri, c.why) for c in found if not c.complete]
+    assert complete[-1] == steps and set(complete) <= set(range(3, steps + 1, 3))
+    assert len(complete) < steps // 3  # some were abandoned during the outage, the rest are there
+    keys = _keys(s3_up, f"runs/{name}/model/")
+    assert any(k.endswith("model.safetensors") for k in keys)  # the final model is in storage
+    summary = json.loads(files.read_bytes(f"{run_uri}/train_summary.json"))
+    assert summary["global_step"] == steps  # every step trained
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_storage_down_at_the_final_save_keeps_the_model_and_says_how_to_upload_it(ray_cluster, s3_up, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    steps = 4
+    env = {**os.environ, "RAYSFT_UNSAVED_DIR": str(tmp_path / "unsaved"), "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    proc = subprocess.Popen([sys.executable, "-m", "raysft", f"storage.path=s3://{s3_up.bucket}/runs", "storage.name=final",
+                             f"trainer.max_steps={steps}", "trainer.eval_steps=null", "monitor.sample_prompts=[]",
+                             "data.dataset_mixture.test_split_size=0", "storage.retry_timeout_s=5"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out_lines: list[str] = []
+
+    def watch() -> None:
+        for line in proc.stdout:
+            out_lines.append(line)
+            if f"step {steps}/{steps}" in line:
+                s3_up.proxy.down()  # the last step is done: the final save meets a dead storage
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        err = proc.stderr.read()
+        code = proc.wait(timeout=600)
+    finally:
+        s3_up.proxy.up()
+    t.join(10)
+    assert s3_up.proxy.refused > 0 or any(f"step {steps}/{steps}" in x for x in out_lines)
+    assert code == 4, (code, err[-3000:])
+    last = err.strip().splitlines()[-1]
+    kept = tmp_path / "unsaved" / "final" / "model"
+    assert last.startswith("raysft: error: ") and str(kept) in last and "raysft upload" in last, last
+    assert "Traceback" not in err.strip().splitlines()[-1]
+    model = AutoModelForCausalLM.from_pretrained(kept)
+    assert model.num_parameters() > 0
+    # ... and the command the line names puts it where the run would have.
+    dest = f"s3://{s3_up.bucket}/runs/final/model"
+    assert subprocess.run([sys.executable, "-m", "raysft", "upload", str(kept), dest], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120).returncode == 0
+    assert any(k.endswith("model.safetensors") for k in _keys(s3_up, "runs/final/model/"))
