@@ -284,12 +284,12 @@ def run(args, clock: Clock, out: Path) -> dict:
         fixed = clock.elapsed() - pass_t0
         left = clock.left() - 10
         budget = (left - fixed) / 2 if i < len(passes) - 1 else left
-        out = section(tp, f"throughput (liger {'on' if liger else 'off'})",
-                      lambda: perf_pass(s, net, clock, liger=liger, attn=want, budget_s=budget, rate=rate, args=args))
-        if out:
-            tp["results"] += out[0]
-            tp["skipped"] += out[1]
-            section(mem, "memory", lambda: mem["results"].extend(memory_row(s, r) for r in out[0]))
+        runs = section(tp, f"throughput (liger {'on' if liger else 'off'})",
+                       lambda: perf_pass(s, net, clock, liger=liger, attn=want, budget_s=budget, rate=rate, args=args))
+        if runs:
+            tp["results"] += runs[0]
+            tp["skipped"] += runs[1]
+            section(mem, "memory", lambda: mem["results"].extend(memory_row(s, r) for r in runs[0]))
         del net
         if cuda:
             torch.cuda.empty_cache()

@@ -164,7 +164,7 @@ def loss_paths(s, net) -> dict:
         with _autocast(s):
             tl = fn(net, row)
         tl.loss.backward()
-        res[name] = (float(tl.loss), tl.nll.detach().float(), _grads(net) if name == "plain" else None)
+        res[name] = (tl.loss.item(), tl.nll.detach().float(), _grads(net) if name == "plain" else None)
     rel = _rel_l2(net, res["plain"][2])
     net.zero_grad(set_to_none=True)
     tol = s["tolerance"]

@@ -21,6 +21,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from raysft import logs
 from raysft.config import OverrideKeyError, check_override_keys, register_configs, to_typed
 from raysft.config.compose import CONF_SEARCH_PATH, overrides_in
 
@@ -41,6 +42,7 @@ def _train(cfg: DictConfig) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     typed = to_typed(cfg)
+    logs.filter_console_handlers(logging.getLogger(), typed.monitor.verbose)  # libraries' chatter: log file only
     if typed.sweep is not None:  # `raysft sweep=lr ...`: a Ray Tune sweep of full runs
         hc = HydraConfig.get()
         config_dir = next((s.path for s in hc.runtime.config_sources if s.provider == "command-line"), None)

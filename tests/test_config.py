@@ -130,7 +130,7 @@ def test_config_surface_is_frozen():
     schema = {f.name: f.type for f in dataclasses.fields(RaySFTConfig)}
     cfg = compose()
     assert set(schema) == {"model", "data", "trainer", "scaling", "storage", "deepspeed", "peft", "monitor", "plan",
-                           "resume", "stage", "sweep"}
+                           "resume", "stage", "sweep", "preflight"}
     # The sweep group (conf/sweep/): unset unless `sweep=<preset>` is given.
     assert cfg.sweep is None
     surface = (Path(__file__).parent / "assets" / "config_surface.txt").read_text()

@@ -21,7 +21,7 @@ SURFACE = Path(__file__).parent / "assets" / "config_surface.txt"
 
 # Each layer may import from its own layer and the ones before it, never from a later one.
 LAYERS = [
-    ("config", {"raysft", "raysft.assets", "raysft.config", "raysft.conf"}),
+    ("config", {"raysft", "raysft.assets", "raysft.config", "raysft.conf", "raysft.logs"}),
     ("storage", {"raysft.storage", "raysft.plots"}),
     ("data", {"raysft.data"}),
     ("train", {"raysft.train"}),

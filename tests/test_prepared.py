@@ -177,37 +177,68 @@ def _non_worker_actors_killer(run_dir: Path, step: int, killed: list, stop: thre
         time.sleep(0.2)
 
 
+def _kill_after_epoch_checkpoint(run_dir: Path, step: int, killed: list, stop: threading.Event) -> None:
+    """SIGKILL a training worker right after the epoch-boundary checkpoint (step ``step``) is complete."""
+    from ray.util.state import list_actors
+
+    from raysft.storage import checkpoints as ckpts
+
+    while not stop.is_set():
+        if any(c.complete and c.step == step for c in ckpts.scan(str(run_dir))):
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if workers:
+                os.kill(sorted(w.pid for w in workers)[-1], signal.SIGKILL)
+                killed.append("worker")
+                return
+        time.sleep(0.1)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_two_epochs_train_permutations_of_the_packed_rows_with_only_the_workers(ray_cluster, tmp_path):
+    """Two epochs with a checkpoint at the epoch boundary; a worker is SIGKILLed right after it, and
+    every actor that is not Ray Train's own is SIGKILLed mid-run. Epoch 2 is not skipped (verl #7401):
+    it trains every packed row once, in a new order, and the whole run follows the global order."""
     from raysft.run import driver
 
     run_dir = tmp_path / "epochs"
     overrides = [f"storage.path={tmp_path}", "storage.name=epochs", "data.dataset_mixture.datasets.0.weight=0.004",
                  "data.dataset_mixture.datasets.1.weight=0.01", "data.dataset_mixture.test_split_size=0",
                  "trainer.num_train_epochs=2", "monitor.log_batch_hashes=true", "monitor.sample_prompts=[]",
-                 "trainer.eval_steps=null"]
+                 "trainer.eval_steps=null", "trainer.save_strategy=epoch", "scaling.max_failures=1"]
+    cfg = compose(*overrides)
+    spec = build_spec(cfg.data, TOKENIZER)
+    n = prepare(spec, Storage.at(str(tmp_path)), **derived.data_resources(cfg.scaling)).rows().num_rows("train")
+    per_epoch = derived.steps_for(n, cfg, epochs=1)
     killed: list[str] = []
     stop = threading.Event()
-    killer = threading.Thread(target=_non_worker_actors_killer, args=(run_dir, 1, killed, stop), daemon=True)
-    killer.start()
+    threads = [threading.Thread(target=_non_worker_actors_killer, args=(run_dir, 1, killed, stop), daemon=True),
+               threading.Thread(target=_kill_after_epoch_checkpoint, args=(run_dir, per_epoch, killed, stop), daemon=True)]
+    for t in threads:
+        t.start()
     try:
-        result = driver.run(compose(*overrides))
+        result = driver.run(cfg)
     finally:
         stop.set()
-    assert "<checked>" in killed, "the run ended before the actor sweep"
+    assert "<checked>" in killed and "worker" in killed, killed
     prepared = open_prepared(str(next((tmp_path / "prepared").iterdir())))
-    n = prepared.rows().num_rows("train")
     steps = result.max_steps
-    assert steps == 2 * derived.steps_for(n, compose(*overrides), epochs=1)
+    assert steps == 2 * per_epoch
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["global_step"] == steps and summary["resumed_from_step"] == per_epoch
     audit = [json.loads(x) for r in (0, 1) for x in (run_dir / "workers" / f"batches_rank{r}.jsonl").read_text().splitlines()]
-    trained = [d for e in sorted(audit, key=lambda e: (e["step"], e["micro"])) for d in e["rows"]]
-    assert len(trained) == 2 * steps  # 2 workers x 1 row x GA 1
+    by_micro: dict[tuple[int, int, int], list[str]] = {}
+    for rank, e in ((r, e) for r in (0, 1) for e in [json.loads(x) for x in
+                    (run_dir / "workers" / f"batches_rank{r}.jsonl").read_text().splitlines()]):
+        key = (e["step"], e["micro"], rank)
+        assert by_micro.setdefault(key, e["rows"]) == e["rows"], f"step {key} trained on other rows when re-trained"
+    assert len(audit) >= len(by_micro)
+    trained = [d for key in sorted(by_micro) for d in by_micro[key]]
+    assert len(trained) == 2 * steps  # 2 workers x 1 row x GA 1, each step once
     epoch1, epoch2 = trained[:n], trained[n:2 * n]
     all_rows = row_digests(prepared.rows().read("train", np.arange(n)))
     assert Counter(epoch1) == Counter(epoch2) == Counter(all_rows)  # each epoch: every packed row once
     assert epoch1 != epoch2  # ... in a new order
     # The order is the global one the prepared set defines, whatever was killed on the way.
-    stream = shards.RowStream(prepared.rows(), rank=0, world=1, batch=1, start=0, seed=compose().trainer.seed, timeout_s=60)
+    stream = shards.RowStream(prepared.rows(), rank=0, world=1, batch=1, start=0, seed=cfg.trainer.seed, timeout_s=60)
     assert trained[:2 * n] == [row_digests(stream.batch_at(g))[0] for g in range(2 * n)]
-    assert json.loads((run_dir / "train_summary.json").read_text())["global_step"] == steps

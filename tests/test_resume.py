@@ -1,10 +1,12 @@
 """Fault tolerance with exact data resume, on a local Ray cluster with 2 CPU workers.
 
 A run is trained uninterrupted; the same run is trained again while a worker process is killed
-with SIGKILL from outside after step 3 (checkpoints every 2 steps). Ray Train restarts the worker
-group, raysft resumes from the step-2 checkpoint, and the workers train on exactly the micro-batches
-the uninterrupted run trained on (hashes of every micro-batch), to the same weights, with the same
-step, learning rate and token count in the metrics."""
+with SIGKILL from outside after step 3 and again, after the restart, after step 5 (checkpoints
+every 2 steps). Ray Train restarts the worker group twice, raysft resumes from the step-2, then
+the step-4 checkpoint, and the workers train on exactly the micro-batches the uninterrupted run
+trained on (hashes of every micro-batch), to the same weights, with the same step, learning rate
+and token count in the metrics. Resuming a run whose newest checkpoint is its last step trains
+nothing more."""
 
 from __future__ import annotations
 
@@ -53,23 +55,26 @@ def _weights(run_dir: Path):
     return load_file(run_dir / "model" / "model.safetensors")
 
 
-def _kill_a_worker_after(run_dir: Path, step: int, killed: list, stop: threading.Event) -> None:
-    """SIGKILL one Ray Train worker process once ``step`` is logged and its checkpoint is in storage."""
+def _kill_a_worker_after(run_dir: Path, steps: tuple[int, ...], killed: list, stop: threading.Event) -> None:
+    """SIGKILL one Ray Train worker process once each of ``steps`` is logged and the checkpoint of
+    the step before it is in storage (each kill after the group restarted from the previous one)."""
     from ray.util.state import list_actors
 
     from raysft.storage import checkpoints as ckpts
 
     metrics = run_dir / "metrics.jsonl"
-    while not stop.is_set():
-        logged = metrics.exists() and any(json.loads(x).get("global_step", 0) >= step and "loss" in json.loads(x)
-                                          for x in metrics.read_text().splitlines())
-        if logged and any(c.complete and c.step == step - 1 for c in ckpts.scan(str(run_dir))):
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-            pid = sorted(w.pid for w in workers)[-1]
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-            return
-        time.sleep(0.2)
+    for step in steps:
+        while not stop.is_set():
+            lines = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+            logged = any(m.get("global_step", 0) >= step and "loss" in m for m in lines)
+            if logged and any(c.complete and c.step == step - 1 for c in ckpts.scan(str(run_dir))):
+                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                pids = sorted(w.pid for w in workers if w.pid not in killed)
+                if pids:
+                    os.kill(pids[-1], signal.SIGKILL)
+                    killed.append(pids[-1])
+                    break
+            time.sleep(0.2)
 
 
 def test_sigkill_of_a_worker_resumes_with_exactly_the_same_data(clean_run, tmp_path):
@@ -79,16 +84,16 @@ def test_sigkill_of_a_worker_resumes_with_exactly_the_same_data(clean_run, tmp_p
 
     killed: list[int] = []
     stop = threading.Event()
-    killer = threading.Thread(target=_kill_a_worker_after, args=(tmp_path / "faulty", 3, killed, stop), daemon=True)
+    killer = threading.Thread(target=_kill_a_worker_after, args=(tmp_path / "faulty", (3, 5), killed, stop), daemon=True)
     killer.start()
     try:
-        driver.run(compose(f"storage.path={tmp_path}", "storage.name=faulty", "scaling.max_failures=1", *CLEAN_RUN))
+        driver.run(compose(f"storage.path={tmp_path}", "storage.name=faulty", "scaling.max_failures=2", *CLEAN_RUN))
     finally:
         stop.set()
     faulty = tmp_path / "faulty"
-    assert killed, "no worker was killed"
+    assert len(killed) == 2, f"workers killed: {killed}"
     summary = json.loads((faulty / "train_summary.json").read_text())
-    assert summary["resumed_from_step"] == 2 and summary["global_step"] == STEPS  # really restarted, from step 2
+    assert summary["resumed_from_step"] == 4 and summary["global_step"] == STEPS  # restarted twice, last from step 4
 
     # Every micro-batch of the run, on every rank, is the one the uninterrupted run trained on:
     # none lost, none repeated (re-training the steps after the checkpoint replays the same rows).
@@ -97,7 +102,7 @@ def test_sigkill_of_a_worker_resumes_with_exactly_the_same_data(clean_run, tmp_p
         got, lines = _hashes(faulty, rank)
         assert sorted(want) == [(s, j) for s in range(1, STEPS + 1) for j in range(GA)]
         assert got == want
-        assert lines > STEPS * GA  # the steps after the checkpoint really ran twice
+        assert lines > STEPS * GA  # the steps after each checkpoint really ran again
 
     # Same weights, and the metrics continue as if nothing happened.
     a, b = _weights(clean), _weights(faulty)
@@ -109,6 +114,25 @@ def test_sigkill_of_a_worker_resumes_with_exactly_the_same_data(clean_run, tmp_p
         assert m_faulty[step]["learning_rate"] == pytest.approx(m_clean[step]["learning_rate"]), step
         assert m_faulty[step]["num_tokens"] == m_clean[step]["num_tokens"], step
         assert m_faulty[step]["loss"] == pytest.approx(m_clean[step]["loss"], abs=1e-4), step
+
+
+def test_resuming_a_finished_run_trains_no_extra_step(clean_run, tmp_path):
+    """The newest checkpoint is the last step (a restart right after it, or the same command run again):
+    nothing more is trained and the final model stays the one the run produced."""
+    import shutil
+
+    _, clean = clean_run
+    done = tmp_path / "clean"
+    shutil.copytree(clean, done)
+    shutil.copytree(clean.parent / "prepared", tmp_path / "prepared")  # the same data, reused by fingerprint
+    before = _by_step(done)
+    driver.run(compose(f"storage.path={tmp_path}", "storage.name=clean", *CLEAN_RUN))
+    after = _by_step(done)
+    assert sorted(after) == sorted(before) == list(range(1, STEPS + 1))  # no step past the last
+    summary = json.loads((done / "train_summary.json").read_text())
+    assert summary["global_step"] == STEPS and summary["resumed_from_step"] == STEPS
+    _, lines = _hashes(done, 0)
+    assert lines == STEPS * GA  # no micro-batch trained again
 
 
 def _global_rows(storage: Path, seed: int, count: int) -> list[str]:

@@ -129,3 +129,24 @@ def test_lora_saves_only_the_adapter_and_merges(ray_cluster, tmp_path, tokenizer
     ids = torch.tensor([[9906, 1917, 11, 1268]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, peft_model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_export_of_a_run_without_its_final_model_takes_the_newest_checkpoint(clean_run, tmp_path, capsys):
+    """A run that stopped before its final save exports its newest complete checkpoint (and says so);
+    a source that does not exist is one line and leaves no partial output."""
+    import shutil
+
+    from raysft.cli import main
+
+    _, clean = clean_run
+    stopped = tmp_path / "stopped"
+    shutil.copytree(clean, stopped, ignore=shutil.ignore_patterns("model"))
+    assert main(["export", str(stopped), str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "has no final model" in out and "newest complete checkpoint" in out and "step 6" in out
+    assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "tokenizer_config.json").exists()
+
+    assert main(["export", str(tmp_path / "nope"), str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("raysft: error: ") and "does not exist" in err[0]
+    assert not (tmp_path / "out2").exists() and not list(tmp_path.glob(".out2-*"))

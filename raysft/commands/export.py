@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -23,29 +26,74 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from raysft.assets import load_chat_template
 from raysft.config import from_plain
+from raysft.storage import checkpoints as ckpts
 from raysft.storage import files
-from raysft.storage.rundir import RunDir
+from raysft.storage.rundir import RunDir, absolute
 from raysft.train import model as models
 
 
-def _find(src: Path) -> tuple[Path, Path | None]:
-    """(folder holding the weights or adapter, run directory if known)."""
-    if (src / RunDir.MODEL).is_dir():
-        return src / RunDir.MODEL, src
-    if (src.parent / RunDir.CONFIG).exists():
-        return src, src.parent
-    return src, None
+class ExportError(ValueError):
+    """The source cannot be exported as given; the message says what to pass instead."""
+
+
+def resolve_source(src_uri: str) -> tuple[str, str | None, str | None]:
+    """(folder holding the weights or adapter, its run directory if known, a note to print).
+
+    A run directory exports its final model, or, when the run stopped before its final save, its
+    newest complete checkpoint (and says so)."""
+    src = absolute(src_uri).rstrip("/")
+    if not files.exists(src):
+        raise ExportError(f"{src_uri} does not exist: pass a run directory (<storage.path>/<run>), its model/ "
+                          "folder or one of its checkpoint_* folders")
+    if files.exists(files.join(src, RunDir.MODEL, "config.json")):
+        return files.join(src, RunDir.MODEL), src, None
+    if files.exists(files.join(src, RunDir.CONFIG)):
+        latest = ckpts.latest_complete(src)
+        if latest is None:
+            raise ExportError(f"run {src_uri} has neither a final model nor a complete checkpoint: nothing to export")
+        return latest.uri, src, (f"run {src_uri} has no final model (it stopped before its final save); exporting "
+                                 f"its newest complete checkpoint {latest.uri} (step {latest.step})")
+    parent = src.rsplit("/", 1)[0]
+    if files.exists(files.join(parent, RunDir.CONFIG)):
+        return src, parent, None
+    return src, None, None
 
 
 def export(src_uri: str, dest: str, *, merge: bool = False) -> Path:
-    src, run_dir = _find(files.download_dir(src_uri))
-    cfg = from_plain(yaml.safe_load((run_dir / RunDir.CONFIG).read_text())) if run_dir else None
+    """Export into ``dest`` (created; must not hold files): written aside and moved into place at the
+    end, so a failed export leaves nothing behind."""
+    weights_uri, run_uri, note = resolve_source(src_uri)
+    if note:
+        print(f"raysft export: {note}", flush=True)
     out = Path(dest)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"{dest} already holds files: pass an empty or new directory")
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent if out.parent.exists() else None))
+    try:
+        run_dir = None
+        if run_uri is not None:
+            run_dir = work / "run"
+            for name in (RunDir.CONFIG, RunDir.DATA_STATS):
+                if files.exists(files.join(run_uri, name)):
+                    run_dir.mkdir(exist_ok=True)
+                    (run_dir / name).write_bytes(files.read_bytes(files.join(run_uri, name)))
+        src = files.download_dir(weights_uri, work / "weights")
+        _export(src, run_dir, work / "out", merge=merge)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            out.rmdir()
+        shutil.move(str(work / "out"), str(out))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
 
+
+def _export(src: Path, run_dir: Path | None, out: Path, *, merge: bool) -> None:
+    cfg = from_plain(yaml.safe_load((run_dir / RunDir.CONFIG).read_text())) if run_dir and (run_dir / RunDir.CONFIG).exists() else None
+    out.mkdir(parents=True)
     if (src / "adapter_config.json").exists():
         if not merge:
-            raise SystemExit(f"{src} holds a LoRA adapter: pass --merge to merge it into its base model")
+            raise ExportError(f"{src} holds a LoRA adapter: pass --merge to merge it into its base model")
         model = _merged(src, cfg)
     elif (src / "latest").exists():  # DeepSpeed ZeRO checkpoint: gather the shards
         model = _from_zero_checkpoint(src, cfg)
@@ -64,7 +112,6 @@ def export(src_uri: str, dest: str, *, merge: bool = False) -> Path:
             tokenizer.chat_template = load_chat_template(cfg.data.chat_template)
         tokenizer.save_pretrained(out)
     (out / "README.md").write_text(_model_card(run_dir, cfg))
-    return out
 
 
 def _base_model(cfg):
@@ -112,7 +159,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--merge", action="store_true", help="merge a LoRA adapter into its base model")
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload the export to this hub repo (needs HF_TOKEN)")
     args = p.parse_args(argv)
-    out = export(args.src, args.dest, merge=args.merge)
+    try:
+        out = export(args.src, args.dest, merge=args.merge)
+    except ExportError as e:
+        print(f"raysft: error: {e}", file=sys.stderr)
+        return 2
     if args.push_to_hub:
         HfApi(token=os.environ.get("HF_TOKEN")).upload_folder(folder_path=str(out), repo_id=args.push_to_hub)
     print(f"raysft: exported to {out}")

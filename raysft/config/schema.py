@@ -42,6 +42,9 @@ class RaySFTConfig:
     """Name of the stage preset that set the trainer fields (for run names and model cards)."""
     sweep: Optional[SweepConfig] = None
     """A Ray Tune sweep (``raysft sweep=lr``): when set, ``raysft`` runs the sweep instead of one run."""
+    preflight: bool = True
+    """Check before Ray starts what can be known then (model, storage, trackers, memory), each failure
+    one line naming the setting to change; ``false`` skips the checks."""
 
     def validate(self) -> None:
         if self.scaling.min_workers is not None and self.deepspeed.enabled:

@@ -16,6 +16,7 @@ from ray.train import CheckpointConfig, RunConfig
 from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
 
+from raysft import logs
 from raysft.config import RaySFTConfig, derived, to_plain
 from raysft.config.derived import Derived
 from raysft.config.secrets import hub_token_to_env, redact
@@ -23,6 +24,7 @@ from raysft.data.pipeline import DataSpec, DataStats, build_spec, collect_stats
 from raysft.data.prepared import PreparedSet, prepare
 from raysft.data.prepared import describe as describe_prepared
 from raysft.run import restarts
+from raysft.run import preflight
 from raysft.run import summary as summaries
 from raysft.run.failures import RunFailedError, explain, write_traceback
 from raysft.storage import checkpoints as ckpts
@@ -30,6 +32,7 @@ from raysft.storage import files, retry
 from raysft.storage.retry import unsaved_dir
 from raysft.storage.rundir import RunDir, Storage
 from raysft.train import model as models
+from raysft.train import trackers
 from raysft.train.worker import LoopConfig, check_world_size, train_loop
 
 log = logging.getLogger("raysft")
@@ -42,22 +45,36 @@ class RunResult:
     metrics: dict[str, Any]
 
 
+# Settings (never secrets) every Ray process of a run gets: no usage stats, no tokenizer threads per
+# data actor, and Ray Train's print patch off (it logs each print once more through the root
+# logger: every worker line appeared twice).
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+def ray_logging(cfg: RaySFTConfig) -> ray.LoggingConfig:
+    return ray.LoggingConfig(log_level="INFO" if cfg.monitor.verbose else "WARNING")
+
+
 def init_ray(cfg: RaySFTConfig, *, num_cpus: int | None = None, dashboard: bool = True) -> None:
     """Connect to a cluster (``scaling.address`` or ``RAY_ADDRESS``) or start Ray in-process with
     ``num_cpus`` logical CPUs (default ``derived.local_ray_cpus``), with the dashboard if ``dashboard``."""
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for k, v in RAY_ENV.items():
+        os.environ.setdefault(k, v)
+    if not cfg.scaling.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would probe for CUDA and say so on every worker
+    logs.quiet_libraries(cfg.monitor.verbose)
     address = cfg.scaling.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_config=ray_logging(cfg))
         return
     # NOTE: the dashboard is on by default: Ray Train V2's PlacementGroupCleaner asks the State API
     # whether the controller is alive and, when the answer comes back empty (no dashboard, or an
     # overloaded one), removes the workers' placement group and kills a healthy run (seen here).
     ray.init(num_cpus=num_cpus or derived.local_ray_cpus(cfg), include_dashboard=dashboard, dashboard_host="127.0.0.1",
-             object_store_memory=512 << 20,
-             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}})
+             object_store_memory=512 << 20, logging_config=ray_logging(cfg),
+             runtime_env={"env_vars": dict(RAY_ENV)})
 
 
 def count_data(cfg: RaySFTConfig) -> tuple[DataSpec, DataStats]:
@@ -106,12 +123,13 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
     (a sweep trial passes the one that reports to Ray Tune). ``ray_cpus``: logical CPUs of an
     in-process local Ray, when the caller sizes it (a sweep)."""
     retry.configure(cfg.storage.retry_timeout_s)
-    if cfg.model.init == "pretrained":
-        models.check_available(cfg.model)  # fail before Ray starts
+    preflight.run_checks(cfg)  # fail before Ray starts
+    trackers.check_installed(cfg.trainer.report_to)  # a tracker missing here fails before Ray starts
     storage = Storage.at(cfg.storage.path)
     name, init_checkpoint = storage.resolve_resume(cfg.resume, cfg.storage.name)
     name = name or derived.default_run_name(cfg)
     rundir = storage.run(name)
+    driver_log = console_log(rundir)
     print(f"raysft: run {name} -> {rundir.uri}", flush=True)
     print(f"raysft: survives {restarts.survives(cfg)}", flush=True)
     resume_from = rundir.latest_checkpoint() or (ckpts.inspect(init_checkpoint) if init_checkpoint else None)
@@ -147,6 +165,7 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
     loop = LoopConfig(cfg=redact(to_plain(cfg)), run_root=rundir.root, run_name=name, max_steps=d.max_steps,
                       source_names=spec.source_names, has_eval=has_eval, prepared_uri=prepared.uri,
                       save_steps=d.save_steps, init_checkpoint=init_checkpoint)
+    rundir.forget_ray_registry()
     storage_path, storage_fs = rundir.ray_storage()
     trainer = TorchTrainer(
         train_loop,
@@ -155,23 +174,47 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=restarts.failure_config(cfg),
                              worker_runtime_env={"env_vars": files.forwarded_env()}, callbacks=callbacks,
-                             checkpoint_config=checkpoint_config(cfg)),
+                             checkpoint_config=checkpoint_config(cfg), logging_config=ray_logging(cfg)),
     )
     started = time.perf_counter()
     try:
         result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - turned into one line; the traceback goes to a file
-        raise RunFailedError(explain(e, save_traceback(e, rundir))) from e
+        failure = explain(e, save_traceback(e, rundir))
+        upload_console_log(rundir, driver_log)
+        raise RunFailedError(failure) from e
     t = cfg.trainer
     for uri in rundir.apply_retention(keep=t.save_total_limit, score_key=t.metric_for_best_model,
                                       greater_is_better=t.greater_is_better):
         print(f"raysft: removed checkpoint {uri} (retention, or an upload that never completed)", flush=True)
     summary = summaries.summarize(rundir, time.perf_counter() - started)
     print(f"raysft: {summary['steps']} steps, {summary['tokens']:,.0f} tokens in {summary['wall_time_s']:.0f} s "
-          f"({summary['tokens_per_s']} tokens/s); train loss {summary['first_train_loss']} -> "
-          f"{summary['final_train_loss']}, eval loss {summary['final_eval_loss']}", flush=True)
-    print(f"raysft: done. Run directory: {rundir.uri}", flush=True)
+          f"({_round(summary['tokens_per_s'], 1)} tokens/s); train loss {_round(summary['first_train_loss'])} -> "
+          f"{_round(summary['final_train_loss'])}, eval loss {_round(summary['final_eval_loss'])}", flush=True)
+    print(f"raysft: done. Run directory: {rundir.uri} (logs in {RunDir.LOGS}/)", flush=True)
+    upload_console_log(rundir, driver_log)
     return RunResult(rundir.uri, d.max_steps, stats, dict(result.metrics or {}))
+
+
+def _round(v, digits: int = 3):
+    return "-" if v is None else f"{v:,.{digits}f}" if isinstance(v, float) else v
+
+
+def console_log(rundir: RunDir) -> str:
+    """From here on, the driver's console also goes to ``<run>/logs/driver.log`` (on this machine,
+    copied to object storage at the end for a remote run), with every library record."""
+    local = os.path.join(rundir.local_path or unsaved_dir(rundir.name), RunDir.LOGS, "driver.log")
+    logs.tee_console(local)
+    logs.add_file_log(local)
+    return local
+
+
+def upload_console_log(rundir: RunDir, local: str) -> None:
+    if not rundir.local_path:
+        try:
+            files.write_bytes(rundir.file(f"{RunDir.LOGS}/driver.log"), open(local, "rb").read())
+        except Exception:  # noqa: BLE001 - the local copy stays where it is
+            log.warning("raysft: the driver log stays at %s (storage did not take it)", local)
 
 
 def save_traceback(e: BaseException, rundir: RunDir) -> str | None:

@@ -9,6 +9,7 @@
     workers/rank_<r>.json      what each worker consumed and how it was wrapped
     workers/batches_rank<r>.jsonl  per-micro-batch row hashes (``monitor.log_batch_hashes``)
     checkpoint_<timestamp>/    Ray Train checkpoints (see ``storage/checkpoints.py``)
+    trackers/                  trackio / tensorboard / wandb files of ``trainer.report_to`` (``train/trackers.py``)
 
 ``Storage`` is the root (``storage.path``): it lists runs, resolves ``resume=`` and holds the
 prepared data sets (``prepared/<fingerprint>/``, shared by every run and sweep trial under it).
@@ -67,6 +68,8 @@ class RunDir(_NamedDir):
     MODEL = "model"
     WORKERS = "workers"
     LOGS = "logs"
+    RAY_REGISTRY = "checkpoint_manager_snapshot.json"  # Ray Train V2's checkpoint registry (its file name)
+    TRACKERS = "trackers"
 
     @property
     def local_path(self) -> str | None:
@@ -106,6 +109,14 @@ class RunDir(_NamedDir):
     def prune(self, keep: set[str]) -> list[str]:
         """Delete checkpoint folders whose names are not in ``keep``."""
         return ckpts.prune(self.uri, keep)
+
+    def forget_ray_registry(self) -> None:
+        """Delete Ray Train's checkpoint registry before a run continues here. NOTE: raysft picks the
+        checkpoint to resume from storage itself; Ray's registry still names the checkpoints raysft's
+        retention removed, and Ray refuses to start a run whose registry names a missing one."""
+        if self.has(self.RAY_REGISTRY):
+            fs, path = files.filesystem(self.file(self.RAY_REGISTRY))
+            fs.delete_file(path)
 
     def apply_retention(self, *, keep: int, score_key: str | None, greater_is_better: bool) -> list[str]:
         return ckpts.apply_retention(self.uri, keep=keep, score_key=score_key, greater_is_better=greater_is_better)

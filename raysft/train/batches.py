@@ -7,6 +7,8 @@ The rows arrive packed and masked, so nothing is re-tokenised, re-packed or coll
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from typing import Callable
 
 import numpy as np
@@ -14,6 +16,8 @@ import torch
 from torch.utils.data import IterableDataset
 
 from raysft.data.shards import PreparedRows, RowStream, eval_batches
+from raysft.storage import files
+from raysft.storage.rundir import RunDir
 
 MODEL_COLUMNS = ("input_ids", "labels", "position_ids")
 ROW_COLUMNS = (*MODEL_COLUMNS, "source_ids")
@@ -68,3 +72,32 @@ class EvalBatches(IterableDataset):
     def __iter__(self):
         for b in eval_batches(self.rows, rank=self.rank, world=self.world, batch=self.batch_size, timeout_s=self.timeout_s):
             yield as_model_batch(b)
+
+
+class BatchAudit:
+    """Appends ``{"step": s, "micro": j, "session": n, "rows": [row hashes]}`` for every micro-batch a
+    rank trains on. A resumed run appends the steps it re-trains again, under a higher data session."""
+
+    def __init__(self, path: str, upload_to: str | None, session: int):
+        self.path, self.upload_to, self.session = path, upload_to, session
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.f = open(path, "a")
+
+    def write(self, step: int, micro: int, batch) -> None:
+        self.f.write(json.dumps({"step": step, "micro": micro, "session": self.session, "rows": row_digests(batch)}) + "\n")
+        self.f.flush()
+
+    def finish(self) -> None:
+        self.f.close()
+        if self.upload_to:
+            files.write_bytes(self.upload_to, open(self.path, "rb").read())
+
+
+def batch_audit(enabled: bool, rundir: RunDir, scratch: str, rank: int, session: int) -> BatchAudit | None:
+    """``monitor.log_batch_hashes``: this rank's audit log, in the run directory (or uploaded there)."""
+    if not enabled:
+        return None
+    uri = rundir.batch_hashes(rank)
+    if rundir.local_path:
+        return BatchAudit(files.filesystem(uri)[1], None, session)
+    return BatchAudit(os.path.join(scratch, uri.rsplit("/", 1)[-1]), uri, session)

@@ -4,6 +4,7 @@ Trainer's ``report_to``), a JSONL file in the run directory, and one console lin
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -12,6 +13,10 @@ from typing import Any
 import ray.train
 import torch
 from transformers import TrainerCallback
+
+from raysft.train.trackers import log_samples
+
+log = logging.getLogger("raysft")
 
 # Keys the HF Trainer / TRL log that we rename to stable names in metrics.jsonl.
 _RENAMES = {"train_loss": "train_loss_mean"}
@@ -55,7 +60,8 @@ class MetricsCallback(TrainerCallback):
         if self.path:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        print(progress_line(record, state.max_steps, now - self._t0), flush=True)
+        if "loss" in record or "eval_loss" in record:  # the end-of-training totals stay in the JSONL
+            log.info(progress_line(record, state.max_steps, now - self._t0))
 
     def log_text(self, state, kind: str, payload: dict[str, Any]) -> None:
         """Non-numeric events (generated samples) into the same JSONL."""
@@ -87,6 +93,7 @@ class SampleCallback(TrainerCallback):
         self.tokenizer, self.prompts = tokenizer, prompts
         self.every, self.max_new_tokens, self.metrics = every_steps, max_new_tokens, metrics
         self.samples: list[dict[str, Any]] = []
+        self.trackers: list = []  # the tracker callbacks (trackers.attach)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.every and state.global_step % self.every == 0:
@@ -115,27 +122,7 @@ class SampleCallback(TrainerCallback):
         self.samples.append({"global_step": state.global_step, "samples": out})
         if state.is_world_process_zero:
             for s in out:
-                print(f"[sample step {state.global_step}] {s['prompt']!r} -> {s['completion']!r}", flush=True)
+                log.info("sample at step %d: %r -> %r", state.global_step, s["prompt"], s["completion"])
             self.metrics.log_text(state, "samples", {"samples": out})
-            _to_trackers(args, state, out)
+            log_samples(self.trackers, state.global_step, out)
 
-
-def _to_trackers(args, state, samples: list[dict[str, str]]) -> None:
-    # The trackers are optional extras (`raysft[trackers]`): imported only when the run reports to them.
-    reports = set(args.report_to or [])
-    table = "\n".join(f"{s['prompt']!r} -> {s['completion']!r}" for s in samples)
-    if "wandb" in reports:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.log({"samples": wandb.Table(columns=["prompt", "completion"],
-                                              data=[[s["prompt"], s["completion"]] for s in samples])}, step=state.global_step)
-    if "tensorboard" in reports:
-        from torch.utils.tensorboard import SummaryWriter
-
-        with SummaryWriter(log_dir=args.logging_dir or args.output_dir) as w:
-            w.add_text("samples", table, state.global_step)
-    if "trackio" in reports:
-        import trackio
-
-        trackio.log({"samples": table}, step=state.global_step)

@@ -17,8 +17,10 @@ import datasets
 import ray.train
 import torch
 import torch.distributed as dist
+from transformers import PrinterCallback, TrainerCallback
 from trl import SFTConfig
 
+from raysft import logs
 from raysft.config import RaySFTConfig, from_plain
 from raysft.config.derived import grad_accum_for
 from raysft.config.secrets import without_secrets
@@ -32,9 +34,10 @@ from raysft.storage.rundir import RunDir
 from raysft.train import model as models
 from raysft.train.checkpoint import RayCheckpointCallback, Retention
 from raysft.train.deepspeed import deepspeed_config, patch_accelerate_for_cpu_deepspeed
+from raysft.train import trackers
 from raysft.train.metrics import MetricsCallback, SampleCallback
 from raysft.train.preemption import PreemptionCallback
-from raysft.train.batches import EvalBatches, TrainBatches, row_digests
+from raysft.train.batches import EvalBatches, TrainBatches, batch_audit
 from raysft.train.trainer import RaySFTTrainer
 
 log = logging.getLogger(__name__)
@@ -79,8 +82,9 @@ def build_sft_args(cfg: RaySFTConfig, *, output_dir: str, max_steps: int, has_ev
         warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": t.use_reentrant} if t.gradient_checkpointing else None,
+        # transformers 5 names them activation_checkpointing (the gradient_ names warn, deprecated)
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": t.use_reentrant} if t.gradient_checkpointing else None,
         bf16=bf16,
         average_tokens_across_devices=t.average_tokens_across_devices,
         logging_steps=t.logging_steps,
@@ -96,6 +100,7 @@ def build_sft_args(cfg: RaySFTConfig, *, output_dir: str, max_steps: int, has_ev
         ignore_data_skip=True,
         report_to=[r for r in t.report_to if r != "none"] or "none",
         run_name=run_name,  # stable across restarts: trackio resumes the run by name
+        project=trackers.PROJECT,  # trackio's project (trl_overrides.project names another)
         deepspeed=ds,
         # No CUDA: plain DDP needs use_cpu + gloo; DeepSpeed brings its own CPU accelerator (gloo too).
         use_cpu=not cuda and ds is None,
@@ -106,7 +111,7 @@ def build_sft_args(cfg: RaySFTConfig, *, output_dir: str, max_steps: int, has_ev
         padding_free=False,
         max_length=None,
         dataloader_num_workers=0,
-        disable_tqdm=rank != 0,
+        disable_tqdm=True,  # raysft prints one line per logging step (metrics.py), on rank 0
         ddp_find_unused_parameters=False,
         include_num_input_tokens_seen="no",
     )
@@ -124,7 +129,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     rundir = RunDir(lc.run_root, lc.run_name)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    # The console gets raysft's lines (rank 0) and errors; this worker's log file gets everything.
+    logging.getLogger("raysft").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logs.quiet_libraries(cfg.monitor.verbose)
+    logs.filter_console_handlers(logging.getLogger(), cfg.monitor.verbose)
+    worker_log = os.path.join(rundir.local_path or tempfile.mkdtemp(prefix="raysft-logs-"), RunDir.LOGS, f"worker-rank{rank}.log")
+    logs.add_file_log(worker_log)
     _quiet_ray_reports()
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
@@ -146,7 +156,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # Every worker reads its own round-robin share of the prepared rows straight from storage.
     rows = open_prepared(lc.prepared_uri).rows()
     session = _broadcast(time.time_ns() // 1000)  # tells this attempt's lines apart in the audit log
-    audit = _batch_audit(cfg, rundir, scratch, rank, session)
+    audit = batch_audit(cfg.monitor.log_batch_hashes, rundir, scratch, rank, session)
     stream = RowStream(rows, rank=rank, world=world, batch=batch, start=cursor0, seed=cfg.trainer.seed,
                        timeout_s=cfg.scaling.data_timeout_s)
     train_batches = TrainBatches(stream, grad_accum=grad_accum, first_step=step0, on_batch=audit.write if audit else None)
@@ -163,7 +173,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # The SFTConfig goes first: with ZeRO-3 it registers the DeepSpeed config that makes
     # from_pretrained / from_config build the model already partitioned (zero3_init).
     run_name = lc.run_name
-    _continue_tracker_runs(run_name)
+    tracker_dir, tracker_upload = _continue_tracker_runs(cfg, rundir, scratch, rank)
     args = build_sft_args(cfg, output_dir=scratch, max_steps=lc.max_steps, has_eval=lc.has_eval, bf16=accel.bf16, rank=rank,
                           save_steps=lc.save_steps, grad_accum=grad_accum, run_name=run_name)
     tokenizer = models.load_tokenizer(cfg.model)
@@ -186,12 +196,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # On a preemption notice: save now (a just-in-time checkpoint through `saver`), timed to complete.
     preempt = PreemptionCallback(cfg.scaling.preemption_check_steps, rank=rank, metrics_path=metrics.path)
     saver.on_uploaded = preempt.checkpoint_uploaded
+    step_now = _StepNow()
     trainer = RaySFTTrainer(
         model=net, args=args, train_dataset=placeholder, eval_dataset=placeholder if lc.has_eval else None,
         processing_class=tokenizer, peft_config=models.lora_config(cfg.peft) if cfg.peft.enabled else None,
-        callbacks=[metrics, samples, saver, preempt], train_batches=train_batches, eval_batches=eval_batches,
+        callbacks=[metrics, samples, saver, preempt, step_now], train_batches=train_batches, eval_batches=eval_batches,
         source_names=lc.source_names,
     )
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict raw; metrics.py prints one line per step
+    samples.trackers = trackers.attach(trainer)
     if rank == 0 and cfg.peft.enabled:
         trainable, total = _param_counts(trainer.model)
         log.info("PEFT %s: trainable params %s / %s (%.2f%%)", cfg.peft.method, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -203,15 +216,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         log.info("resuming from step %d, data position %s (%s)", step0, cursor0, resume_dir)
     try:
         result = trainer.train(resume_from_checkpoint=resume_dir)
-        final_eval = trainer.evaluate() if lc.has_eval else {}
+        final_eval = _final_eval(trainer) if lc.has_eval else {}
     except Exception as e:
-        e.add_note(f"raysft: rank {rank}, step {trainer.state.global_step + 1}")  # named in the one-line error
+        e.add_note(f"raysft: rank {rank}, step {step_now.step}")  # named in the one-line error
         raise
 
     # ---------------------------------------------------------------- save
     model_dir = os.path.join(scratch, RunDir.MODEL)
     trainer.save_model(model_dir)  # every rank: ZeRO-3 gathers the shards, rank 0 writes
     if rank == 0:
+        _best_effort(lambda: trackers.finish(samples.trackers, tracker_dir, tracker_upload), "the tracker files")
         tokenizer.save_pretrained(model_dir)
         summary = {"global_step": trainer.state.global_step, "train_loss_mean": result.training_loss,
                    "train_runtime_s": result.metrics.get("train_runtime"), "num_tokens": trainer._total_train_tokens,
@@ -229,6 +243,30 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         "attn_implementation": accel.attn_implementation, "gradient_accumulation_steps": grad_accum,
     }).encode()
     _best_effort(lambda: files.write_bytes(rundir.worker_record(rank), record), f"workers/rank_{rank}.json")
+    if not local_run:
+        _best_effort(lambda: files.write_bytes(rundir.file(f"{RunDir.LOGS}/{os.path.basename(worker_log)}"),
+                                               open(worker_log, "rb").read()), "the worker log")
+
+
+class _StepNow(TrainerCallback):
+    """The optimizer step in progress, for an error message: the step being computed, or the step
+    just finished while its evaluation, checkpoint and logging run."""
+
+    step = 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step + 1
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step = state.global_step
+
+
+def _final_eval(trainer) -> dict[str, float]:
+    """The end-of-run evaluation, unless the Trainer has just evaluated at the last step."""
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        return {k: v for k, v in last.items() if k.startswith("eval_")}
+    return trainer.evaluate()
 
 
 def _best_effort(write, what: str) -> None:
@@ -296,11 +334,13 @@ def check_world_size(saved: int | None, world: int, cfg: RaySFTConfig, where: st
                 "(the data cursor is global); per-rank RNG states of new ranks start fresh", saved, world)
 
 
-def _continue_tracker_runs(run_name: str) -> None:
-    """A restarted or re-run job logs into the same tracker run: wandb by a run id derived from the
-    run name (unless the user set one), trackio by run name (``run_name`` in the SFTConfig)."""
-    os.environ.setdefault("WANDB_RUN_ID", re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[:64])
+def _continue_tracker_runs(cfg: RaySFTConfig, rundir: RunDir, scratch: str, rank: int) -> tuple[str, str | None]:
+    """A restarted or re-run job logs into the same tracker run, in ``<run>/trackers/``: wandb by a
+    run id derived from the run name (unless the user set one), trackio by run name (``run_name`` in
+    the SFTConfig), tensorboard by its folder. Returns (local folder, storage URI to upload it to)."""
+    os.environ.setdefault("WANDB_RUN_ID", re.sub(r"[^A-Za-z0-9_-]", "-", rundir.name)[:64])
     os.environ.setdefault("WANDB_RESUME", "allow")
+    return trackers.open_folder(rundir, scratch, list(cfg.trainer.report_to), rank)
 
 
 def _broadcast(obj: Any) -> Any:
@@ -310,34 +350,6 @@ def _broadcast(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-class _BatchAudit:
-    """Appends ``{"step": s, "micro": j, "session": n, "rows": [row hashes]}`` for every micro-batch a
-    rank trains on. A resumed run appends the steps it re-trains again, under a higher data session."""
-
-    def __init__(self, path: str, upload_to: str | None, session: int):
-        self.path, self.upload_to, self.digest, self.session = path, upload_to, row_digests, session
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        self.f = open(path, "a")
-
-    def write(self, step: int, micro: int, batch) -> None:
-        self.f.write(json.dumps({"step": step, "micro": micro, "session": self.session, "rows": self.digest(batch)}) + "\n")
-        self.f.flush()
-
-    def finish(self) -> None:
-        self.f.close()
-        if self.upload_to:
-            files.write_bytes(self.upload_to, open(self.path, "rb").read())
-
-
-def _batch_audit(cfg: RaySFTConfig, rundir: RunDir, scratch: str, rank: int, session: int) -> _BatchAudit | None:
-    if not cfg.monitor.log_batch_hashes:
-        return None
-    uri = rundir.batch_hashes(rank)
-    if rundir.local_path:
-        return _BatchAudit(files.filesystem(uri)[1], None, session)
-    return _BatchAudit(os.path.join(scratch, uri.rsplit("/", 1)[-1]), uri, session)
 
 
 def _quiet_ray_reports() -> None:

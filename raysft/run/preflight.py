@@ -1,0 +1,45 @@
+"""Preflight: what can be known before Ray starts is checked before Ray starts, each failure one line
+that names the setting to change. ``preflight=false`` skips it (experts, air-gapped tricks)."""
+
+from __future__ import annotations
+
+import uuid
+
+from raysft.config import RaySFTConfig
+from raysft.storage import files
+from raysft.storage.retry import StorageUnavailableError, retrying
+from raysft.storage.rundir import absolute
+from raysft.train import model as models
+
+PROBE_TIMEOUT_S = 15.0
+
+
+class PreflightError(ValueError):
+    """The run cannot start as configured (raised before Ray starts)."""
+
+
+def check_storage(cfg: RaySFTConfig) -> None:
+    """A small write, read and delete under ``storage.path``, retried for a few seconds only."""
+    root = absolute(cfg.storage.path)
+    probe = files.join(root, f".raysft-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        retrying(f"write {probe}", lambda: files.write_bytes(probe, b"ok"), timeout_s=PROBE_TIMEOUT_S)
+        assert files.read_bytes(probe) == b"ok"
+        fs, path = files.filesystem(probe)
+        fs.delete_file(path)
+    except StorageUnavailableError as e:
+        raise PreflightError(f"storage.path={cfg.storage.path} is not reachable ({e.__cause__ or e}): check the "
+                             "endpoint and credentials (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), or run with "
+                             "storage=local") from None
+    except (OSError, AssertionError) as e:
+        raise PreflightError(f"storage.path={cfg.storage.path} cannot be written ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+                             "check the bucket exists and the credentials may write to it, or run with storage=local") from None
+
+
+def run_checks(cfg: RaySFTConfig) -> None:
+    """Every preflight check, in the order a person would fix them."""
+    if not cfg.preflight:
+        return
+    if cfg.model.init == "pretrained":
+        models.check_available(cfg.model)
+    check_storage(cfg)

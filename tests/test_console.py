@@ -1,0 +1,65 @@
+"""What a person sees: the README's default command, as a user runs it (a subprocess, its own local
+Ray), prints one line per step and no library chatter, with the full logs in the run folder; a run
+that fails at step N ends in one line that says what and where, with the traceback in the logs."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+STEPS = 24
+BUDGET_LINES = 60  # the whole console of a 24-step default run
+# Chatter the default job used to print (issue #18): none of it may reach the console.
+CHATTER = ["Execution plan of Dataset", "core_worker.cc", "Setting accelerator to CPU", "FutureWarning",
+           "exclude_resources", "gemm_4bit", "clean_up_tokenization_spaces", "{'loss':", "it/s]",
+           "Started a local Ray instance", "Requesting resources", "Started training worker group",
+           "Setting up process group", "Progress bars disabled", "Token authentication"]
+
+
+def _raysft(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "-m", "raysft", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_the_default_job_prints_one_line_per_step_and_keeps_everything_in_its_logs(tmp_path):
+    p = _raysft([f"storage.path={tmp_path / 'runs'}", "storage.name=console", f"trainer.max_steps={STEPS}"], tmp_path)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    lines = out.splitlines()
+    for step in range(1, STEPS + 1):
+        hits = [x for x in lines if re.search(rf"\bstep {step}/{STEPS} \| loss ", x)]
+        assert len(hits) == 1, (step, hits)
+    for word in CHATTER:
+        assert not [x for x in lines if word in x], word
+    assert len(lines) <= BUDGET_LINES, "\n".join(lines)
+    assert re.search(r"train loss \d+\.\d{3} -> \d+\.\d{3}", out)  # rounded, not 11.75894832611084
+    assert lines[-1].startswith("raysft: done. Run directory:")
+
+    logs = tmp_path / "runs" / "console" / "logs"
+    driver, workers = (logs / "driver.log").read_text(), [(logs / f"worker-rank{r}.log").read_text() for r in (0, 1)]
+    assert "raysft: done." in driver and "Started a local Ray instance" in driver  # the full driver console
+    assert f"step {STEPS}/{STEPS}" in workers[0]
+    assert all(len(w.splitlines()) > 5 for w in workers)  # library records kept in the files
+
+
+def test_a_worker_failing_at_step_n_ends_in_one_line_with_the_traceback_in_the_logs(tmp_path):
+    # A real failure through config: HF's best-checkpoint bookkeeping asks for a metric the
+    # evaluation does not produce, at the first checkpoint (step 2).
+    p = _raysft([f"storage.path={tmp_path / 'runs'}", "storage.name=broken", "trainer.max_steps=6",
+                 "trainer.eval_steps=2", "trainer.save_strategy=steps", "trainer.save_steps=2",
+                 "+trainer.trl_overrides.metric_for_best_model=eval_not_a_metric"], tmp_path)
+    assert p.returncode == 1, (p.stdout + p.stderr)[-4000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert re.match(r"raysft: error: worker rank \d, step 2 failed: KeyError: .*eval_not_a_metric", last), last
+    log = tmp_path / "runs" / "broken" / "logs" / "driver-error.txt"
+    assert str(log) in last and "Traceback (most recent call last)" in log.read_text()
+    assert "Error executing job" not in p.stderr and "Traceback" not in p.stderr  # no raw Hydra/Ray wrappers
