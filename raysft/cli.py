@@ -36,6 +36,7 @@ def recipe_flags(argv: list[str]) -> bool:
 def _train(cfg: DictConfig) -> None:
     # NOTE: the orchestration layers (Ray, torch, TRL) are imported only once a run starts, so that
     # `raysft --help`, `--cfg job` and config errors answer in a second.
+    from raysft.commands import fits
     from raysft.run import failures
     from raysft.run.driver import run
     from raysft.sweep import trials
@@ -53,6 +54,8 @@ def _train(cfg: DictConfig) -> None:
             sys.exit(2)
         return
     try:
+        if typed.preflight:
+            fits.check_memory(typed)  # the plan's memory model, before Ray starts
         run(typed)
     except Exception as e:  # noqa: BLE001 - every failure ends in one line and an exit code (run/failures.py)
         code, line = failures.one_line(e)

@@ -31,7 +31,10 @@ def _raysft(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_the_default_job_prints_one_line_per_step_and_keeps_everything_in_its_logs(tmp_path):
-    p = _raysft([f"storage.path={tmp_path / 'runs'}", "storage.name=console", f"trainer.max_steps={STEPS}"], tmp_path)
+    # The README's first example, shortened with a documented override.
+    first = _readme_examples()[0].split("#", 1)[0].split()[1:]
+    assert first == ["trainer.learning_rate=1e-3", "data.max_length=1024"]
+    p = _raysft([*first, f"storage.path={tmp_path / 'runs'}", "storage.name=console", f"trainer.max_steps={STEPS}"], tmp_path)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
     lines = out.splitlines()
@@ -63,3 +66,26 @@ def test_a_worker_failing_at_step_n_ends_in_one_line_with_the_traceback_in_the_l
     log = tmp_path / "runs" / "broken" / "logs" / "driver-error.txt"
     assert str(log) in last and "Traceback (most recent call last)" in log.read_text()
     assert "Error executing job" not in p.stderr and "Traceback" not in p.stderr  # no raw Hydra/Ray wrappers
+
+
+def _readme_examples() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("Examples:\n\n```bash\n") + len("Examples:\n\n```bash\n"):]
+    return [line for line in block[:block.index("```")].splitlines() if line.startswith("raysft ")]
+
+
+def test_every_readme_example_runs_here_or_says_what_it_needs(tmp_path):
+    """Each example either runs on this machine (run here, shortened with trainer.max_steps) or says
+    plainly what it needs; the first is the console test's run above."""
+    examples = _readme_examples()
+    runnable = [e for e in examples if "(runs here" in e or "runs here" in e.split("#", 1)[-1]]
+    needs = [e for e in examples if e not in runnable]
+    assert all("# needs" in e for e in needs), needs
+    shrunk = [e for e in runnable if "recipe=" in e]
+    assert shrunk, examples
+    for example in shrunk:
+        args = example.split("#", 1)[0].split()[1:]
+        p = _raysft([*args, f"storage.path={tmp_path / 'runs'}", "trainer.max_steps=2"], tmp_path)
+        assert p.returncode == 0, (example, (p.stdout + p.stderr)[-3000:])
+    cfg = _raysft(["--cfg", "job"], tmp_path)
+    assert cfg.returncode == 0 and "name_or_path: bundled:smollm3" in cfg.stdout

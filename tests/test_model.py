@@ -108,3 +108,16 @@ def test_qlora_loads_4bit_and_steps_on_cpu_as_a_smoke_test(tmp_path, tiny):
     loss = net(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
     assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+
+
+def test_a_scheduler_takes_only_its_own_keyword_arguments():
+    """The recipe default min_lr_rate stays in trainer.lr_scheduler_kwargs when only the schedule
+    changes (dicts merge); a cosine schedule must not receive it."""
+    from conftest import compose
+
+    from raysft.train.worker import scheduler_kwargs
+
+    cfg = compose("trainer.lr_scheduler_type=cosine")
+    assert cfg.trainer.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+    assert scheduler_kwargs("cosine", dict(cfg.trainer.lr_scheduler_kwargs)) == {}
+    assert scheduler_kwargs("cosine_with_min_lr", {"min_lr_rate": 0.1}) == {"min_lr_rate": 0.1}

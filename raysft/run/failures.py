@@ -48,7 +48,7 @@ def one_line(e: BaseException) -> tuple[int, str]:
         return EXIT_DATA, f"data quality check failed: {first}"
     if isinstance(e, StorageUnavailableError):
         return EXIT_STORAGE, f"{first} — check storage.path, the endpoint and credentials (AWS_*)"
-    if isinstance(e, (ValueError, FileNotFoundError)) or type(e).__name__ in ("ModelNotAvailableError", "PreflightError"):
+    if isinstance(e, (ValueError, FileNotFoundError)) or type(e).__name__ in ("ModelNotAvailableError", "PreflightError", "DoesNotFitError"):
         return EXIT_CONFIG, first
     return explain(e, None).code, explain(e, None).line
 

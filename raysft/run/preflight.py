@@ -22,18 +22,27 @@ def check_storage(cfg: RaySFTConfig) -> None:
     """A small write, read and delete under ``storage.path``, retried for a few seconds only."""
     root = absolute(cfg.storage.path)
     probe = files.join(root, f".raysft-probe-{uuid.uuid4().hex[:8]}")
-    try:
-        retrying(f"write {probe}", lambda: files.write_bytes(probe, b"ok"), timeout_s=PROBE_TIMEOUT_S)
-        assert files.read_bytes(probe) == b"ok"
-        fs, path = files.filesystem(probe)
+    fs, path = files.filesystem(probe)
+
+    def round_trip() -> None:
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(b"ok")
+        with fs.open_input_stream(path) as f:
+            if f.read() != b"ok":
+                raise OSError(f"{probe} read back other bytes than were written")
         fs.delete_file(path)
+
+    try:
+        retrying(f"write {probe}", round_trip, timeout_s=PROBE_TIMEOUT_S)
     except StorageUnavailableError as e:
         raise PreflightError(f"storage.path={cfg.storage.path} is not reachable ({e.__cause__ or e}): check the "
                              "endpoint and credentials (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), or run with "
                              "storage=local") from None
-    except (OSError, AssertionError) as e:
-        raise PreflightError(f"storage.path={cfg.storage.path} cannot be written ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
-                             "check the bucket exists and the credentials may write to it, or run with storage=local") from None
+    except OSError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PreflightError(f"storage.path={cfg.storage.path} cannot be written ({first}): check the bucket exists "
+                             "and the credentials may write to it, or run with storage=local") from None
 
 
 def run_checks(cfg: RaySFTConfig) -> None:

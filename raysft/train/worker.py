@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -18,6 +19,8 @@ import ray.train
 import torch
 import torch.distributed as dist
 from transformers import PrinterCallback, TrainerCallback
+from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+from transformers.trainer_utils import SchedulerType
 from trl import SFTConfig
 
 from raysft import logs
@@ -78,7 +81,7 @@ def build_sft_args(cfg: RaySFTConfig, *, output_dir: str, max_steps: int, has_ev
         gradient_accumulation_steps=grad_accum or t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
-        lr_scheduler_kwargs=dict(t.lr_scheduler_kwargs),
+        lr_scheduler_kwargs=scheduler_kwargs(t.lr_scheduler_type, dict(t.lr_scheduler_kwargs)),
         warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
@@ -119,6 +122,23 @@ def build_sft_args(cfg: RaySFTConfig, *, output_dir: str, max_steps: int, has_ev
     # checkpoint and of the model. hub_token reaches the hub client as HF_TOKEN (config/secrets.py).
     kwargs.update(without_secrets(t.trl_overrides))
     return SFTConfig(**kwargs)
+
+
+def scheduler_kwargs(kind: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The scheduler's own keyword arguments out of ``trainer.lr_scheduler_kwargs``.
+
+    NOTE: a dict in the schema merges with what a preset or override gives (OmegaConf merges dicts),
+    so the recipe default ``{min_lr_rate: 0.1}`` stays when only ``lr_scheduler_type`` changes;
+    transformers then fails on an unexpected keyword. Arguments the chosen schedule does not take
+    are left out, with one log line."""
+    fn = TYPE_TO_SCHEDULER_FUNCTION.get(SchedulerType(kind))
+    if fn is None:
+        return kwargs
+    accepted = inspect.signature(fn).parameters
+    dropped = sorted(k for k in kwargs if k not in accepted)
+    if dropped:
+        log.info("raysft: trainer.lr_scheduler_kwargs %s do not apply to lr_scheduler_type=%s (left out)", dropped, kind)
+    return {k: v for k, v in kwargs.items() if k in accepted}
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
