@@ -99,6 +99,9 @@ class MonitorConfig:
     by its index in the run (an audit trail: two runs, or a run and its resume, can be compared)."""
     peak_tflops_per_gpu: float = 989.0
     """Peak dense bf16 TFLOP/s of one GPU for the MFU estimate (H100 SXM: 989); logged on GPUs only."""
+    step_breakdown: bool = False
+    """Write a ``step_breakdown`` record per step into ``metrics.jsonl``: seconds waiting for data,
+    in forward+backward, in the optimizer step, and the rest (callbacks, logging, reporting)."""
     verbose: bool = False
     """Show every library's and Ray's output live; by default the console shows raysft's lines and
     errors only, and everything goes to ``<run>/logs/`` (the driver's and each worker's log)."""

@@ -41,6 +41,7 @@ from raysft.train import trackers
 from raysft.train.metrics import MetricsCallback, SampleCallback
 from raysft.train.preemption import PreemptionCallback
 from raysft.train.batches import EvalBatches, TrainBatches, batch_audit
+from raysft.train.steptimer import DataWait, StepTimer
 from raysft.train.trainer import RaySFTTrainer
 
 log = logging.getLogger(__name__)
@@ -217,10 +218,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     preempt = PreemptionCallback(cfg.scaling.preemption_check_steps, rank=rank, metrics_path=metrics.path)
     saver.on_uploaded = preempt.checkpoint_uploaded
     step_now = _StepNow()
+    fed = DataWait(train_batches) if cfg.monitor.step_breakdown else train_batches
+    timer = [StepTimer(fed, metrics.path, rank)] if cfg.monitor.step_breakdown else []
     trainer = RaySFTTrainer(
         model=net, args=args, train_dataset=placeholder, eval_dataset=placeholder if lc.has_eval else None,
         processing_class=tokenizer, peft_config=models.lora_config(cfg.peft) if cfg.peft.enabled else None,
-        callbacks=[metrics, samples, saver, preempt, step_now], train_batches=train_batches, eval_batches=eval_batches,
+        callbacks=[metrics, samples, saver, preempt, step_now, *timer], train_batches=fed, eval_batches=eval_batches,
         source_names=lc.source_names,
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict raw; metrics.py prints one line per step
