@@ -7,6 +7,12 @@
     raysft upload SRC DEST                upload a folder a run kept on a node when storage was down
     raysft plan [--out DIR] [overrides]   rows, tokens, steps, memory, time and cost, without training
 
+  Outputs: <storage.path>/<run name>/ (default runs/): config.yaml (with derived values), metrics.jsonl,
+  model/, checkpoint_*/, logs/ (driver and worker logs); tokenised data once per fingerprint under
+  <storage.path>/prepared/. `raysft plan` and `raysft data stats` write to outputs/<command>/<time>/.
+  Failures end in one line `raysft: error: ...`; exit codes 1 worker, 2 config, 3 data, 4 storage,
+  5 data stall, 6 out of memory.
+
   Coming from the alignment-handbook or `trl sft --config` (any command above takes the flags):
     raysft --trl-config RECIPE.yaml [--accelerate-config ZERO3.yaml] [overrides...]
     raysft import-recipe RECIPE.yaml [--accelerate-config ZERO3.yaml] > conf/recipe/mine.yaml
