@@ -147,7 +147,7 @@ def test_storage_down_at_the_final_save_keeps_the_model_and_says_how_to_upload_i
     proc = subprocess.Popen([sys.executable, "-m", "raysft", f"storage.path=s3://{s3_up.bucket}/runs", "storage.name=final",
                              f"trainer.max_steps={steps}", "trainer.eval_steps=null", "monitor.sample_prompts=[]",
                              "data.dataset_mixture.test_split_size=0", "storage.retry_timeout_s=5"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out_lines: list[str] = []
 
     def watch() -> None:
@@ -159,11 +159,11 @@ def test_storage_down_at_the_final_save_keeps_the_model_and_says_how_to_upload_i
     t = threading.Thread(target=watch, daemon=True)
     t.start()
     try:
-        err = proc.stderr.read()
         code = proc.wait(timeout=600)
     finally:
         s3_up.proxy.up()
     t.join(10)
+    err = "".join(out_lines)
     assert s3_up.proxy.refused > 0 or any(f"step {steps}/{steps}" in x for x in out_lines)
     assert code == 4, (code, err[-3000:])
     last = err.strip().splitlines()[-1]

@@ -198,37 +198,36 @@ def _where(source, row: int) -> str:
 # ----------------------------------------------------------------------------- stats
 
 
-def stats(cfg, *, out: str | None = None) -> int:
+def _on_local_ray(cfg, fn, failed: str):
+    """``fn()`` on Ray (started here if needed, and then stopped); a data quality failure is one
+    message and exit code 3 (``None`` is returned for it)."""
     started = not ray.is_initialized()
     init_ray(cfg)
     try:
-        try:
-            spec, st = count_data(cfg)
-        except DataQualityError as e:
-            print(f"raysft: data quality check failed:\n{e}", file=sys.stderr)
-            return 3
+        return fn()
+    except DataQualityError as e:
+        print(f"raysft: {failed}:\n{e}", file=sys.stderr)
+        return None
     finally:
         if started:
             ray.shutdown()
 
-    report = stats_report(st)
+
+def stats(cfg, *, out: str | None = None) -> int:
+    counted = _on_local_ray(cfg, lambda: count_data(cfg), "data quality check failed")
+    if counted is None:
+        return 3
+    report = stats_report(counted[1])
     print_stats(report)
     write_command_output(out, "data-stats", "stats.json", report, plots.data_shares)
     return 0
 
 
 def prepare(cfg) -> int:
-    started = not ray.is_initialized()
-    init_ray(cfg)
-    try:
-        try:
-            _, prepared = prepare_data(cfg)
-        except DataQualityError as e:
-            print(f"raysft: data quality check failed (nothing marked complete):\n{e}", file=sys.stderr)
-            return 3
-    finally:
-        if started:
-            ray.shutdown()
+    done = _on_local_ray(cfg, lambda: prepare_data(cfg), "data quality check failed (nothing marked complete)")
+    if done is None:
+        return 3
+    prepared = done[1]
     print_stats(stats_report(prepared.stats()))
     print(f"raysft: {describe_prepared(prepared)}")
     return 0

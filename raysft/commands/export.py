@@ -32,8 +32,9 @@ from raysft.storage.rundir import RunDir, absolute
 from raysft.train import model as models
 
 
-class ExportError(ValueError):
-    """The source cannot be exported as given; the message says what to pass instead."""
+class ExportError(SystemExit):
+    """The source cannot be exported as given; the message says what to pass instead. A SystemExit,
+    as it always was here: a script calling ``export()`` ends with the message."""
 
 
 def resolve_source(src_uri: str) -> tuple[str, str | None, str | None]:
@@ -45,7 +46,7 @@ def resolve_source(src_uri: str) -> tuple[str, str | None, str | None]:
     if not files.exists(src):
         raise ExportError(f"{src_uri} does not exist: pass a run directory (<storage.path>/<run>), its model/ "
                           "folder or one of its checkpoint_* folders")
-    if files.exists(files.join(src, RunDir.MODEL, "config.json")):
+    if any(files.exists(files.join(src, RunDir.MODEL, f)) for f in ("config.json", "adapter_config.json")):
         return files.join(src, RunDir.MODEL), src, None
     if files.exists(files.join(src, RunDir.CONFIG)):
         latest = ckpts.latest_complete(src)

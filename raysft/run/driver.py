@@ -51,8 +51,21 @@ class RunResult:
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
-def ray_logging(cfg: RaySFTConfig) -> ray.LoggingConfig:
-    return ray.LoggingConfig(log_level="INFO" if cfg.monitor.verbose else "WARNING")
+def ray_env(cfg: RaySFTConfig) -> dict[str, str]:
+    env = dict(RAY_ENV)
+    if not cfg.monitor.verbose:
+        # Ray's C++ core in each worker prints error-level notes to stderr (e.g. Ray Train's own
+        # restartable actors with arguments in the object store); they are not errors of the run.
+        env["RAY_BACKEND_LOG_LEVEL"] = "fatal"
+    return env
+
+
+def ray_logging(cfg: RaySFTConfig, *, train: bool = False) -> ray.LoggingConfig:
+    """Ray's console level. Ray Train's own console lines (its controller logs a failed worker's
+    traceback) stay in its log files: raysft ends a failure with one line of its own."""
+    if cfg.monitor.verbose:
+        return ray.LoggingConfig(log_level="INFO")
+    return ray.LoggingConfig(log_level="CRITICAL" if train else "WARNING")
 
 
 def init_ray(cfg: RaySFTConfig, *, num_cpus: int | None = None, dashboard: bool = True) -> None:
@@ -60,7 +73,7 @@ def init_ray(cfg: RaySFTConfig, *, num_cpus: int | None = None, dashboard: bool 
     ``num_cpus`` logical CPUs (default ``derived.local_ray_cpus``), with the dashboard if ``dashboard``."""
     if ray.is_initialized():
         return
-    for k, v in RAY_ENV.items():
+    for k, v in RAY_ENV.items():  # workers of a local Ray inherit these (not the C++ log level: raylet would too)
         os.environ.setdefault(k, v)
     if not cfg.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would probe for CUDA and say so on every worker
@@ -74,7 +87,7 @@ def init_ray(cfg: RaySFTConfig, *, num_cpus: int | None = None, dashboard: bool 
     # overloaded one), removes the workers' placement group and kills a healthy run (seen here).
     ray.init(num_cpus=num_cpus or derived.local_ray_cpus(cfg), include_dashboard=dashboard, dashboard_host="127.0.0.1",
              object_store_memory=512 << 20, logging_config=ray_logging(cfg),
-             runtime_env={"env_vars": dict(RAY_ENV)})
+             runtime_env={"env_vars": ray_env(cfg)})
 
 
 def count_data(cfg: RaySFTConfig) -> tuple[DataSpec, DataStats]:
@@ -174,7 +187,7 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=restarts.failure_config(cfg),
                              worker_runtime_env={"env_vars": files.forwarded_env()}, callbacks=callbacks,
-                             checkpoint_config=checkpoint_config(cfg), logging_config=ray_logging(cfg)),
+                             checkpoint_config=checkpoint_config(cfg), logging_config=ray_logging(cfg, train=True)),
     )
     started = time.perf_counter()
     try:

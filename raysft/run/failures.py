@@ -54,12 +54,22 @@ def one_line(e: BaseException) -> tuple[int, str]:
 
 
 def stop_ray() -> None:
+    """Shut Ray down before the error line: what Ray's own helpers print while they stop (a cleaner
+    thread's traceback about the dead controller) goes to the driver log only, not the console."""
     import ray
 
-    if ray.is_initialized():
-        ray.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    from raysft.logs import Tee
+
+    out, err = sys.stdout, sys.stderr
+    if isinstance(out, Tee) and isinstance(err, Tee):  # Ray looks sys.stdout/stderr up per line it prints
+        sys.stdout, sys.stderr = out.file, err.file
+    try:
+        if ray.is_initialized():
+            ray.shutdown()
+    finally:
+        sys.stdout, sys.stderr = out, err
+        sys.stdout.flush()
+        sys.stderr.flush()
 
 
 def root_cause(e: BaseException) -> BaseException:

@@ -7,8 +7,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -18,7 +16,7 @@ import datasets
 import ray.train
 import torch
 import torch.distributed as dist
-from transformers import PrinterCallback, TrainerCallback
+from transformers import PrinterCallback, TrainerState
 from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
 from transformers.trainer_utils import SchedulerType
 from trl import SFTConfig
@@ -32,7 +30,7 @@ from raysft.data.shards import RowStream
 from raysft.storage import checkpoints as ckpts
 from raysft.storage import files
 from raysft.storage import retry
-from raysft.storage.retry import StorageUnavailableError, unsaved_dir
+from raysft.storage.retry import unsaved_dir
 from raysft.storage.rundir import RunDir
 from raysft.train import model as models
 from raysft.train.checkpoint import RayCheckpointCallback, Retention
@@ -41,6 +39,8 @@ from raysft.train import trackers
 from raysft.train.metrics import MetricsCallback, SampleCallback
 from raysft.train.preemption import PreemptionCallback
 from raysft.train.batches import EvalBatches, TrainBatches, batch_audit
+from raysft.train import finish
+from raysft.train.finish import StepNow, best_effort, upload_final_model
 from raysft.train.steptimer import DataWait, StepTimer
 from raysft.train.trainer import RaySFTTrainer
 
@@ -217,7 +217,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # On a preemption notice: save now (a just-in-time checkpoint through `saver`), timed to complete.
     preempt = PreemptionCallback(cfg.scaling.preemption_check_steps, rank=rank, metrics_path=metrics.path)
     saver.on_uploaded = preempt.checkpoint_uploaded
-    step_now = _StepNow()
+    step_now = StepNow()
     fed = DataWait(train_batches) if cfg.monitor.step_breakdown else train_batches
     timer = [StepTimer(fed, metrics.path, rank)] if cfg.monitor.step_breakdown else []
     trainer = RaySFTTrainer(
@@ -238,8 +238,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         trainer._total_train_tokens = metrics.resume_tokens = restored.get("num_tokens", 0)
         log.info("resuming from step %d, data position %s (%s)", step0, cursor0, resume_dir)
     try:
-        result = trainer.train(resume_from_checkpoint=resume_dir)
-        final_eval = _final_eval(trainer) if lc.has_eval else {}
+        if resume_dir and step0 >= lc.max_steps and not cfg.deepspeed.enabled:
+            # NOTE: the HF Trainer resumed at max_steps trains on past it with an endless stream.
+            log.info("raysft: the run already reached step %d of %d: nothing left to train", step0, lc.max_steps)
+            trainer._load_from_checkpoint(resume_dir)
+            trainer.state = TrainerState.load_from_json(os.path.join(resume_dir, "trainer_state.json"))
+            train_loss, train_runtime = None, 0.0
+        else:
+            result = trainer.train(resume_from_checkpoint=resume_dir)
+            train_loss, train_runtime = result.training_loss, result.metrics.get("train_runtime")
+        final_eval = finish.final_eval(trainer) if lc.has_eval else {}
     except Exception as e:
         e.add_note(f"raysft: rank {rank}, step {step_now.step}")  # named in the one-line error
         raise
@@ -248,72 +256,27 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     model_dir = os.path.join(scratch, RunDir.MODEL)
     trainer.save_model(model_dir)  # every rank: ZeRO-3 gathers the shards, rank 0 writes
     if rank == 0:
-        _best_effort(lambda: trackers.finish(samples.trackers, tracker_dir, tracker_upload), "the tracker files")
+        best_effort(lambda: trackers.finish(samples.trackers, tracker_dir, tracker_upload), "the tracker files")
         tokenizer.save_pretrained(model_dir)
-        summary = {"global_step": trainer.state.global_step, "train_loss_mean": result.training_loss,
-                   "train_runtime_s": result.metrics.get("train_runtime"), "num_tokens": trainer._total_train_tokens,
+        summary = {"global_step": trainer.state.global_step, "train_loss_mean": train_loss,
+                   "train_runtime_s": train_runtime, "num_tokens": trainer._total_train_tokens,
                    "rows_consumed_rank0": train_batches.rows_consumed, "resumed_from_step": step0, **final_eval}
-        _upload_final_model(model_dir, rundir)
+        upload_final_model(model_dir, rundir)
         files.write_bytes(rundir.file(RunDir.TRAIN_SUMMARY), json.dumps(summary, indent=1).encode())
         if not local_run:
-            _best_effort(lambda: files.write_bytes(rundir.file(RunDir.METRICS), open(metrics.path, "rb").read()), "metrics")
+            best_effort(lambda: files.write_bytes(rundir.file(RunDir.METRICS), open(metrics.path, "rb").read()), "metrics")
     if audit:
-        _best_effort(audit.finish, "the batch audit log")
+        best_effort(audit.finish, "the batch audit log")
     # Per-rank record: what this worker consumed and how it was wrapped (DDP / DeepSpeed).
     record = json.dumps({
         "rank": rank, "world_size": world, "rows_consumed": train_batches.rows_consumed,
         "global_step": trainer.state.global_step, "wrapped_model": type(trainer.model_wrapped).__name__,
         "attn_implementation": accel.attn_implementation, "gradient_accumulation_steps": grad_accum,
     }).encode()
-    _best_effort(lambda: files.write_bytes(rundir.worker_record(rank), record), f"workers/rank_{rank}.json")
+    best_effort(lambda: files.write_bytes(rundir.worker_record(rank), record), f"workers/rank_{rank}.json")
     if not local_run:
-        _best_effort(lambda: files.write_bytes(rundir.file(f"{RunDir.LOGS}/{os.path.basename(worker_log)}"),
+        best_effort(lambda: files.write_bytes(rundir.file(f"{RunDir.LOGS}/{os.path.basename(worker_log)}"),
                                                open(worker_log, "rb").read()), "the worker log")
-
-
-class _StepNow(TrainerCallback):
-    """The optimizer step in progress, for an error message: the step being computed, or the step
-    just finished while its evaluation, checkpoint and logging run."""
-
-    step = 0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.step = state.global_step + 1
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.step = state.global_step
-
-
-def _final_eval(trainer) -> dict[str, float]:
-    """The end-of-run evaluation, unless the Trainer has just evaluated at the last step."""
-    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
-    if last is not None and last.get("step") == trainer.state.global_step:
-        return {k: v for k, v in last.items() if k.startswith("eval_")}
-    return trainer.evaluate()
-
-
-def _best_effort(write, what: str) -> None:
-    """A record that is not the model: when storage stays down past the retries it is lost with a
-    warning, and the run's outcome is the model's (rank 0 keeps it locally and fails with one line)."""
-    try:
-        write()
-    except StorageUnavailableError as e:
-        log.warning("raysft: %s was not written: %s", what, e)
-
-
-def _upload_final_model(model_dir: str, rundir: RunDir) -> None:
-    """Upload the trained model; when storage stays down past the retries, keep it on this node under
-    a name a person can find and fail the run with one line that says how to upload it later."""
-    dest = rundir.file(RunDir.MODEL)
-    try:
-        files.upload_dir(model_dir, dest)
-    except StorageUnavailableError as e:
-        kept = os.path.join(unsaved_dir(rundir.name), RunDir.MODEL)
-        shutil.rmtree(kept, ignore_errors=True)
-        shutil.move(model_dir, kept)
-        raise StorageUnavailableError(f"the trained model could not be uploaded to {dest} ({e}); it is kept at "
-                                      f"{kept} on node {socket.gethostname()}. Upload it when storage is back: "
-                                      f"raysft upload {kept} {dest}") from None
 
 
 def _restore(lc: LoopConfig, cfg: RaySFTConfig, scratch: str, rank: int, world: int) -> tuple[str | None, dict[str, Any]]:
