@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -70,22 +72,42 @@ def _check_tensorboard(run_dir: Path, source: str, last: int) -> None:
     assert texts[-1].step == last and PROMPT in texts[-1].tensor_proto.string_val[0].decode()
 
 
+@pytest.fixture(scope="module")
+def tracked(ray_cluster, tmp_path_factory):
+    """(run directory, a copy of its trackers/ after the 4-step run, a source name) once the re-run
+    under the same storage.name has continued it to step 6 from its step-4 checkpoint."""
+    root = tmp_path_factory.mktemp("trackers")
+    first = driver.run(compose(*_overrides(root, 4)))
+    run_dir = Path(first.run_uri)
+    shutil.copytree(run_dir / "trackers", root / "after_first" / "trackers")
+    driver.run(compose(*_overrides(root, 6)))
+    return run_dir, root / "after_first", next(iter(first.stats.sources))
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_trackers_log_offline_into_the_run_and_continue_across_a_resume(ray_cluster, tmp_path):
-    first = driver.run(compose(*_overrides(tmp_path, 4)))
-    run_dir = Path(first.run_uri)
-    source = next(iter(first.stats.sources))
-    _check_trackio(run_dir, source, 4)
-    _check_tensorboard(run_dir, source, 4)
-
-    driver.run(compose(*_overrides(tmp_path, 6)))  # the same storage.name: resumes from the step-4 checkpoint
+def test_trackio_logs_into_the_run_and_continues_the_same_run(tracked):
+    run_dir, after_first, source = tracked
+    _check_trackio(after_first, source, 4)
     _check_trackio(run_dir, source, 6)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_tensorboard_logs_into_the_run_and_continues_the_same_folder(tracked):
+    run_dir, after_first, source = tracked
+    _check_tensorboard(after_first, source, 4)
     _check_tensorboard(run_dir, source, 6)
-    if not WANDB:
-        pytest.skip("wandb is not installed (not in the test extra): its offline run was not checked")
-    offline = sorted((run_dir / "trackers" / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert offline, "wandb wrote no offline run under <run>/trackers/wandb"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.skipif(not WANDB, reason="wandb is not installed (it is in the trackers extra, not the test extra)")
+def test_wandb_writes_its_offline_run_into_the_run(tracked):
+    run_dir, _, _ = tracked
+    runs = sorted((run_dir / "trackers" / "wandb").glob("offline-run-*"))
+    assert runs and all(list(r.glob("run-*.wandb")) for r in runs), runs
+    assert all(r.name.endswith("-trk") for r in runs)  # the run id derived from the run name, both sessions
 
 
 def test_a_tracker_that_is_not_installed_fails_before_ray_starts(monkeypatch, tmp_path):
@@ -97,3 +119,28 @@ def test_a_tracker_that_is_not_installed_fails_before_ray_starts(monkeypatch, tm
     with pytest.raises(trackers.TrackerNotInstalledError, match="pip install trackio"):
         driver.run(compose("trainer.report_to=[trackio]", f"storage.path={tmp_path}"))
     assert ray.is_initialized() == started
+
+
+def test_a_run_in_object_storage_continues_its_tracker_files_and_uploads_them(s3, tmp_path, monkeypatch):
+    """Rank 0 of a run in S3 gets back the tracker files an earlier attempt uploaded, logs into its
+    scratch (the variables point there), and uploads the folder at the end."""
+    from raysft.storage import files
+    from raysft.storage.rundir import RunDir
+
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
+                                        if not k.startswith(("TRACKIO_", "TENSORBOARD_", "WANDB_"))})
+    rundir = RunDir(f"s3://{s3.bucket}/trackers-test", "trk-s3")
+    files.write_bytes(rundir.file("trackers/trackio/raysft.db"), b"earlier attempt")
+    local, upload_to = trackers.open_folder(rundir, str(tmp_path), ["trackio", "tensorboard"], rank=0)
+    assert upload_to == rundir.file(RunDir.TRACKERS) and local == str(tmp_path / RunDir.TRACKERS)
+    assert (tmp_path / "trackers" / "trackio" / "raysft.db").read_bytes() == b"earlier attempt"
+    assert os.environ["TRACKIO_DIR"] == str(tmp_path / "trackers" / "trackio")
+    assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "trackers" / "tensorboard")
+    (tmp_path / "trackers" / "tensorboard").mkdir()
+    (tmp_path / "trackers" / "tensorboard" / "events.out.tfevents.1").write_bytes(b"tb")
+    trackers.finish([], local, upload_to)
+    assert files.read_bytes(rundir.file("trackers/tensorboard/events.out.tfevents.1")) == b"tb"
+
+    os.environ["TRACKIO_DIR"] = "/mine"  # a variable the user set wins
+    trackers.open_folder(rundir, str(tmp_path / "again"), ["trackio"], rank=0)
+    assert os.environ["TRACKIO_DIR"] == "/mine"

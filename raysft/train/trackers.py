@@ -4,7 +4,7 @@ and the sample generations sent to each. Under ``<run>/trackers/`` (``RunDir.TRA
 
     trackio/raysft.db    trackio's project database (TRACKIO_DIR); project ``raysft``, run = the run's name
     tensorboard/         TensorBoard event files (TENSORBOARD_LOGGING_DIR), appended to by a resume
-    wandb/               wandb's run folders (WANDB_DIR); offline unless WANDB_MODE is set
+    wandb/               wandb's run folders (WANDB_DIR); offline unless WANDB_MODE is set, project ``raysft``
 
 A variable the user set wins (that folder is theirs: nothing is copied from it). A run in object
 storage keeps the folder in rank 0's scratch: fetched from storage at the start, uploaded at the end.
@@ -57,7 +57,8 @@ def tracker_env(report_to: list[str], folder: str) -> dict[str, str]:
     if "tensorboard" in report_to:
         env["TENSORBOARD_LOGGING_DIR"] = os.path.join(folder, "tensorboard")
     if "wandb" in report_to:
-        env.update(WANDB_DIR=folder, WANDB_MODE="offline", WANDB_PROJECT=PROJECT)  # wandb adds wandb/
+        # wandb adds wandb/ under WANDB_DIR; silent: its banner would reach the console on every start
+        env.update(WANDB_DIR=folder, WANDB_MODE="offline", WANDB_PROJECT=PROJECT, WANDB_SILENT="true")
         os.makedirs(folder, exist_ok=True)
     return {k: v for k, v in env.items() if k not in os.environ}
 
