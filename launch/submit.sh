@@ -9,7 +9,9 @@
 # The overrides reach `python -m raysft` on the cluster exactly as given here (quote them as you would
 # for `raysft`). The job runs this checkout (working_dir = the project root) with
 # launch/runtime_env.yaml, plus the variables named in FORWARD_ENV (and $RAYSFT_FORWARD_ENV) that
-# are set in your shell: secrets travel in the job's runtime_env, never in a file of this repository.
+# are set in your shell. FORWARD_ENV holds no credential: Ray keeps a job's runtime_env for anyone
+# who can list jobs (README "Credentials on a cluster"); tokens and keys come from the nodes. Naming
+# one in RAYSFT_FORWARD_ENV sends it anyway, with a warning.
 #
 #   --address ADDR        the cluster's job server (dashboard) address. Default: $RAY_API_SERVER_ADDRESS,
 #                         else $RAY_ADDRESS, else http://127.0.0.1:8265 (`ray dashboard cluster.yaml`
@@ -30,13 +32,14 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(dirname "$HERE")"
 PYTHON="${PYTHON:-python3}"
-# Forwarded from your shell when set. AWS keys are not in the list: on AWS the nodes' IAM instance
-# profile gives S3 access; for another S3-compatible store add them with
-# RAYSFT_FORWARD_ENV="AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY".
-FORWARD_ENV="WANDB_API_KEY WANDB_ENTITY WANDB_PROJECT WANDB_BASE_URL HF_TOKEN HF_HUB_OFFLINE HF_ENDPOINT
+# Forwarded from your shell when set: endpoints, regions and project names, no credential. S3 access
+# comes from the nodes' IAM instance profile, WANDB_API_KEY / HF_TOKEN from the nodes' environment
+# (README "Credentials on a cluster"). RAYSFT_FORWARD_ENV="WANDB_API_KEY HF_TOKEN" forwards them
+# anyway, recorded by Ray with the job.
+FORWARD_ENV="WANDB_ENTITY WANDB_PROJECT WANDB_BASE_URL HF_HUB_OFFLINE HF_ENDPOINT
 TRACKIO_SPACE_ID TRACKIO_DATASET_ID RAYSFT_BUCKET AWS_ENDPOINT_URL AWS_DEFAULT_REGION AWS_REGION"
 
-usage() { sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 ADDRESS="${RAY_API_SERVER_ADDRESS:-${RAY_ADDRESS:-http://127.0.0.1:8265}}"
 SUBMISSION_ID="raysft-$(date +%Y%m%d-%H%M%S)-$RANDOM"
@@ -61,7 +64,7 @@ RUNTIME_ENV="$(mktemp "${TMPDIR:-/tmp}/raysft-runtime-env.XXXXXX")"
 trap 'rm -f "$RUNTIME_ENV"' EXIT
 chmod 600 "$RUNTIME_ENV"
 FORWARD="$FORWARD_ENV ${RAYSFT_FORWARD_ENV:-}" "$PYTHON" - "$HERE/runtime_env.yaml" "$RUNTIME_ENV" <<'PY'
-import json, os, sys
+import json, os, re, sys
 
 import yaml
 
@@ -73,6 +76,11 @@ with open(sys.argv[2], "w") as f:
     json.dump(env, f)  # JSON is YAML: `ray job submit --runtime-env` reads it
 if names:
     print(f"submit.sh: forwarding {' '.join(names)} to the job", file=sys.stderr)
+secret = [n for n in names if re.search(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?)(_|$)", n)]  # raysft SECRET_ENV
+if secret:
+    print(f"submit.sh: warning: {' '.join(secret)} will be stored with the job: Ray keeps the job's runtime_env "
+          "in its job table (ray job list, the dashboard's Jobs API) for anyone holding the cluster's token; "
+          "prefer the nodes' environment (README \"Credentials on a cluster\")", file=sys.stderr)
 PY
 
 echo "submit.sh: job $SUBMISSION_ID -> $ADDRESS" >&2

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import io
 import os
 import secrets
 import shutil
@@ -60,6 +61,37 @@ def test_credentials_are_never_forwarded_through_the_runtime_env(monkeypatch):
     assert not set(planted) & set(env) and kept.items() <= env.items()
 
 
+def test_submit_sends_no_credential_with_the_job_unless_named(tmp_path):
+    """launch/submit.sh against a fake ``ray`` that records the runtime env it is given."""
+    import json
+    import textwrap
+
+    fake = tmp_path / "bin" / "ray"
+    fake.parent.mkdir()
+    fake.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import shutil, sys
+        args = sys.argv[1:]
+        shutil.copy(args[args.index("--runtime-env") + 1], {str(tmp_path / "renv.json")!r})
+        """))
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "PYTHON": sys.executable,
+           "WANDB_API_KEY": "wandbplanted", "HF_TOKEN": "hfplanted", "AWS_SECRET_ACCESS_KEY": "awsplanted",
+           "WANDB_PROJECT": "proj", "AWS_ENDPOINT_URL": "http://s3.local"}
+
+    def submit(**extra):
+        p = subprocess.run([str(ROOT / "launch" / "submit.sh"), "--address", "http://10.0.0.1:8265", "--no-wait", "--",
+                            "trainer.max_steps=1"], env={**env, **extra}, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        return json.loads((tmp_path / "renv.json").read_text())["env_vars"], p.stderr
+
+    sent, _ = submit()
+    assert sent["WANDB_PROJECT"] == "proj" and sent["AWS_ENDPOINT_URL"] == "http://s3.local"
+    assert not {"WANDB_API_KEY", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY"} & set(sent)
+    sent, err = submit(RAYSFT_FORWARD_ENV="HF_TOKEN")  # asked for: sent, with a warning, value never printed
+    assert sent["HF_TOKEN"] == "hfplanted" and "warning: HF_TOKEN" in err and "hfplanted" not in err
+
+
 # ----------------------------------------------------------------------------- the planted run
 
 
@@ -89,8 +121,6 @@ def _blobs(path: Path, data: bytes):
             pass
     if data[:4] == b"PK\x03\x04":
         try:
-            import io
-
             with zipfile.ZipFile(io.BytesIO(data)) as z:
                 for name in z.namelist():
                     yield path / name, z.read(name)
