@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from transformers import PrinterCallback, TrainerState
 from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+from transformers.utils import logging as hf_logging
 from transformers.trainer_utils import SchedulerType
 from trl import SFTConfig
 
@@ -154,6 +155,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     logging.getLogger("raysft").setLevel(logging.INFO if rank == 0 else logging.WARNING)
     logs.quiet_libraries(cfg.monitor.verbose)
     logs.filter_console_handlers(logging.getLogger(), cfg.monitor.verbose)
+    if not cfg.monitor.verbose:
+        hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar
     worker_log = os.path.join(rundir.local_path or tempfile.mkdtemp(prefix="raysft-logs-"), RunDir.LOGS, f"worker-rank{rank}.log")
     logs.add_file_log(worker_log)
     _quiet_ray_reports()
