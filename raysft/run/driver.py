@@ -65,7 +65,7 @@ def ray_logging(cfg: RaySFTConfig, *, train: bool = False) -> ray.LoggingConfig:
     traceback) stay in its log files: raysft ends a failure with one line of its own."""
     if cfg.monitor.verbose:
         return ray.LoggingConfig(log_level="INFO")
-    return ray.LoggingConfig(log_level="CRITICAL" if train else "WARNING")
+    return ray.LoggingConfig(log_level="CRITICAL" if train else "ERROR")
 
 
 def init_ray(cfg: RaySFTConfig, *, num_cpus: int | None = None, dashboard: bool = True) -> None:
@@ -177,7 +177,7 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
     # Redacted: Ray Train keeps train_loop_config in its run state (dashboard, export events).
     loop = LoopConfig(cfg=redact(to_plain(cfg)), run_root=rundir.root, run_name=name, max_steps=d.max_steps,
                       source_names=spec.source_names, has_eval=has_eval, prepared_uri=prepared.uri,
-                      save_steps=d.save_steps, init_checkpoint=init_checkpoint)
+                      save_steps=d.save_steps, init_checkpoint=init_checkpoint, report_metrics=bool(callbacks))
     rundir.forget_ray_registry()
     storage_path, storage_fs = rundir.ray_storage()
     trainer = TorchTrainer(

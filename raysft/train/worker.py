@@ -61,6 +61,9 @@ class LoopConfig:
     prepared_uri: str = ""  # the prepared data set the workers read (raysft/data/prepared.py)
     save_steps: float = 0  # 0 = no checkpoints; < 1 = a fraction of max_steps (as the recipes)
     init_checkpoint: str | None = None  # `resume=<uri>`: start from another run's checkpoint
+    # Every logging step to ray.train.report: only a sweep reads them (Ray Tune); otherwise each report
+    # is a cross-rank barrier per step for nothing (bench/train_overhead.py: ~0.7 s of a 2 s CPU step).
+    report_metrics: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -207,7 +210,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # SFTTrainer insists on a datasets object; the real rows come from the prepared set (TrainBatches).
     placeholder = datasets.IterableDataset.from_generator(_placeholder_rows)
     cuda = torch.cuda.is_available()
-    metrics = MetricsCallback(os.path.join(local_run or scratch, RunDir.METRICS),
+    metrics = MetricsCallback(os.path.join(local_run or scratch, RunDir.METRICS), report_to_ray=lc.report_metrics,
                               world_size=world, flops_per_token=6.0 * _param_counts(net)[1] if cuda else None,
                               peak_flops_per_device=cfg.monitor.peak_tflops_per_gpu * 1e12 if cuda else None)
     samples = SampleCallback(tokenizer, list(cfg.monitor.sample_prompts), every_steps=cfg.monitor.sample_every_steps,
