@@ -258,7 +258,10 @@ def estimated_data(cfg: RaySFTConfig) -> dict[str, Any]:
         kept, train = mp.kept_per_source, mp.train_counts()
     else:
         kept = [int(n * s.weight) if n is not None else None for n, s in zip(rows, mix.datasets)]
-        train = [round(k * (1 - mix.test_split_size)) if k is not None else None for k in kept]
+        # test_split_size: a fraction, or (>= 1) a row count of the whole known mixture, spread pro rata
+        total = sum(k for k in kept if k is not None) or 1
+        held = mix.test_split_size if mix.test_split_size < 1 else min(1.0, mix.test_split_size / total)
+        train = [round(k * (1 - held)) if k is not None else None for k in kept]
     sources = []
     for src, n, k, tr, fact in zip(mix.datasets, rows, kept, train, facts):
         row = {"name": src.label, "weight": src.weight, "split_rows": n, "kept_rows": k, "train_rows": tr,
