@@ -5,7 +5,7 @@ set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-pip wheel --no-deps --no-build-isolation -q -w "$work/dist" "$repo"
+pip wheel --no-deps -q -w "$work/dist" "$repo"
 rm -rf "$repo/build"
 python -m venv --system-site-packages "$work/venv"
 "$work/venv/bin/pip" install -q --no-deps "$work"/dist/raysft-*.whl
