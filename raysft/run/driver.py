@@ -32,7 +32,6 @@ from raysft.storage import files, retry
 from raysft.storage.retry import unsaved_dir
 from raysft.storage.rundir import RunDir, Storage
 from raysft.train import model as models
-from raysft.train import trackers
 from raysft.train.worker import LoopConfig, check_world_size, train_loop
 
 log = logging.getLogger("raysft")
@@ -137,7 +136,6 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
     in-process local Ray, when the caller sizes it (a sweep)."""
     retry.configure(cfg.storage.retry_timeout_s)
     preflight.run_checks(cfg)  # fail before Ray starts
-    trackers.check_installed(cfg.trainer.report_to)  # a tracker missing here fails before Ray starts
     storage = Storage.at(cfg.storage.path)
     name, init_checkpoint = storage.resolve_resume(cfg.resume, cfg.storage.name)
     name = name or derived.default_run_name(cfg)

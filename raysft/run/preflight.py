@@ -10,6 +10,7 @@ from raysft.storage import files
 from raysft.storage.retry import StorageUnavailableError, retrying
 from raysft.storage.rundir import absolute
 from raysft.train import model as models
+from raysft.train import trackers
 
 PROBE_TIMEOUT_S = 15.0
 
@@ -51,4 +52,5 @@ def run_checks(cfg: RaySFTConfig) -> None:
         return
     if cfg.model.init == "pretrained":
         models.check_available(cfg.model)
+    trackers.check_installed(cfg.trainer.report_to)
     check_storage(cfg)
