@@ -88,12 +88,12 @@ def main() -> None:
     a = p.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from raysft.config import compose
-    from raysft.run import driver
+    from raysft.run import driver, ray_init
 
     base = ["data.dataset_mixture.datasets.0.weight=0.2", "data.dataset_mixture.datasets.1.weight=0.3",
             f"scaling.cpus_per_worker={a.threads}", "storage.path=" + tempfile.mkdtemp()]
     cfg = compose(base)
-    driver.init_ray(cfg)
+    ray_init.init_ray(cfg)
     _, prepared = driver.prepare_data(cfg)
 
     rows = {"plain TRL, 1 process": medians(plain_trl(cfg, prepared, a.steps, a.threads), a.warmup),

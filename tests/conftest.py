@@ -22,6 +22,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @dataclass
 class S3:
     """moto's S3 server with a cuttable proxy in front: raysft (and every Ray process) talks to the
@@ -39,9 +45,7 @@ def s3():
     and credentials the way workers on a cluster get them from their nodes."""
     import boto3
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proxy = TcpProxy(port)
@@ -67,8 +71,12 @@ def ray_cluster(s3):
     import ray.data
 
     if not ray.is_initialized():
-        # The dashboard's State API keeps Ray Train's PlacementGroupCleaner from removing live runs.
-        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=512 << 20,
+        # The dashboard's State API keeps Ray Train's PlacementGroupCleaner from removing live runs; its
+        # processes find it by RAY_API_SERVER_ADDRESS (other Rays run beside this one: see run/ray_init.py).
+        port = free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                 object_store_memory=512 << 20,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray

@@ -229,6 +229,7 @@ def _ray_env(**extra: str) -> dict:
            # the `ray` and `python` of this interpreter, for the CLI and for the job's entrypoint
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_API_SERVER_ADDRESS", None)  # the test session's Ray
     env.update(extra)
     return env
 
@@ -271,9 +272,12 @@ def ray_head(*extra_args: str, port: int | None = None, num_cpus: int = 4, env: 
     Ray's socket paths must stay under 108 characters); stopped on exit by :func:`_stop_ray_under`."""
     from ray._private.services import get_node_ip_address
 
-    env = env or _ray_env()
     temp_dir = tempfile.mkdtemp(prefix="rsft", dir="/tmp")
     free, dash, agent, agent_grpc, client, metrics, rt_env = _free_ports(7)
+    # This head's processes ask its own State API (not the test session's Ray: see run/ray_init.py).
+    env = {**(env or _ray_env()), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dash}"}
+    if not include_dashboard:
+        env.pop("RAY_API_SERVER_ADDRESS")
     port = port or free
     cmd = ["ray", "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
            f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",

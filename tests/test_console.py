@@ -21,7 +21,8 @@ BUDGET_LINES = 60  # the whole console of a 24-step default run
 CHATTER = ["Execution plan of Dataset", "core_worker.cc", "Setting accelerator to CPU", "FutureWarning",
            "exclude_resources", "gemm_4bit", "clean_up_tokenization_spaces", "{'loss':", "it/s]",
            "Started a local Ray instance", "Requesting resources", "Started training worker group",
-           "Setting up process group", "Progress bars disabled", "Token authentication"]
+           "Setting up process group", "Progress bars disabled", "Token authentication", "logging.cc",
+           "Found multiple active Ray instances", "PlacementGroupCleaner"]
 
 
 def _raysft(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

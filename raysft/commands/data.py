@@ -31,7 +31,8 @@ from raysft.data.pipeline import DataQualityError, PrepareUnit, build_spec
 from raysft.data.render import IGNORE_INDEX, format_masked
 from raysft.data.sources import DataSourceError
 from raysft.data.prepared import describe as describe_prepared
-from raysft.run.driver import count_data, init_ray, prepare_data
+from raysft.run.driver import count_data, prepare_data
+from raysft.run.ray_init import init_ray
 from raysft.train.model import tokenizer_path
 
 USAGE = ("usage: raysft data preview [--rows N] [--no-color] [overrides...]\n"

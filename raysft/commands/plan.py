@@ -38,7 +38,8 @@ from raysft.config import RaySFTConfig, compose, derived
 from raysft.data.mixture import plan_mixture
 from raysft.data.pipeline import DataQualityError
 from raysft.data.sources import DataSourceError, resolve_files
-from raysft.run.driver import count_data, init_ray
+from raysft.run.driver import count_data
+from raysft.run.ray_init import init_ray
 
 USAGE = "usage: raysft plan [--out DIR] [overrides...]"
 

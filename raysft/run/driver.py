@@ -24,6 +24,7 @@ from raysft.data.pipeline import DataSpec, DataStats, build_spec, collect_stats
 from raysft.data.prepared import PreparedSet, prepare
 from raysft.data.prepared import describe as describe_prepared
 from raysft.run import restarts
+from raysft.run.ray_init import init_ray, ray_logging
 from raysft.run import preflight
 from raysft.run import summary as summaries
 from raysft.run.failures import RunFailedError, explain, write_traceback
@@ -42,51 +43,6 @@ class RunResult:
     max_steps: int
     stats: DataStats
     metrics: dict[str, Any]
-
-
-# Settings (never secrets) every Ray process of a run gets: no usage stats, no tokenizer threads per
-# data actor, and Ray Train's print patch off (it logs each print once more through the root
-# logger: every worker line appeared twice).
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-
-
-def ray_env(cfg: RaySFTConfig) -> dict[str, str]:
-    env = dict(RAY_ENV)
-    if not cfg.monitor.verbose:
-        # Ray's C++ core in each worker prints error-level notes to stderr (e.g. Ray Train's own
-        # restartable actors with arguments in the object store); they are not errors of the run.
-        env["RAY_BACKEND_LOG_LEVEL"] = "fatal"
-    return env
-
-
-def ray_logging(cfg: RaySFTConfig, *, train: bool = False) -> ray.LoggingConfig:
-    """Ray's console level. Ray Train's own console lines (its controller logs a failed worker's
-    traceback) stay in its log files: raysft ends a failure with one line of its own."""
-    if cfg.monitor.verbose:
-        return ray.LoggingConfig(log_level="INFO")
-    return ray.LoggingConfig(log_level="CRITICAL" if train else "ERROR")
-
-
-def init_ray(cfg: RaySFTConfig, *, num_cpus: int | None = None, dashboard: bool = True) -> None:
-    """Connect to a cluster (``scaling.address`` or ``RAY_ADDRESS``) or start Ray in-process with
-    ``num_cpus`` logical CPUs (default ``derived.local_ray_cpus``), with the dashboard if ``dashboard``."""
-    if ray.is_initialized():
-        return
-    for k, v in RAY_ENV.items():  # workers of a local Ray inherit these (not the C++ log level: raylet would too)
-        os.environ.setdefault(k, v)
-    if not cfg.scaling.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would probe for CUDA and say so on every worker
-    logs.quiet_libraries(cfg.monitor.verbose)
-    address = cfg.scaling.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True, logging_config=ray_logging(cfg))
-        return
-    # NOTE: the dashboard is on by default: Ray Train V2's PlacementGroupCleaner asks the State API
-    # whether the controller is alive and, when the answer comes back empty (no dashboard, or an
-    # overloaded one), removes the workers' placement group and kills a healthy run (seen here).
-    ray.init(num_cpus=num_cpus or derived.local_ray_cpus(cfg), include_dashboard=dashboard, dashboard_host="127.0.0.1",
-             object_store_memory=512 << 20, logging_config=ray_logging(cfg),
-             runtime_env={"env_vars": ray_env(cfg)})
 
 
 def count_data(cfg: RaySFTConfig) -> tuple[DataSpec, DataStats]:

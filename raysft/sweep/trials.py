@@ -33,6 +33,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from raysft.config import SweepConfig, compose, derived
 from raysft.run import driver
+from raysft.run.ray_init import init_ray
 from raysft.storage import files
 from raysft.storage.rundir import SweepDir
 from raysft.sweep import results
@@ -168,8 +169,8 @@ def run(overrides: list[str], *, config_dir: Optional[str] = None, config_name: 
     # A local Ray sized for the concurrent trials: each takes its workers' CPUs plus a sliver. The
     # dashboard serves the State API, through which Ray Train's cleaner frees the workers of a
     # trial that Tune stopped (ReapOrphanPlacementGroups covers a Ray started without it).
-    driver.init_ray(cfg, num_cpus=derived.local_ray_cpus(cfg, concurrent_trials=sweep.max_concurrent_trials,
-                                                         trial_cpus=sweep.trial_cpus), dashboard=True)
+    init_ray(cfg, num_cpus=derived.local_ray_cpus(cfg, concurrent_trials=sweep.max_concurrent_trials,
+                                                  trial_cpus=sweep.trial_cpus))
 
     sweep_dir = SweepDir.at(cfg.storage.path, sweep.name)
     sweep_uri = sweep_dir.uri
