@@ -72,12 +72,14 @@ def ray_cluster(s3):
 
     if not ray.is_initialized():
         # The dashboard's State API keeps Ray Train's PlacementGroupCleaner from removing live runs; its
-        # processes find it by RAY_API_SERVER_ADDRESS (other Rays run beside this one: see run/ray_init.py).
+        # processes find it by RAY_API_SERVER_ADDRESS (other Rays run beside this one: see run/ray_init.py),
+        # set only while Ray starts: in this process it would override the address of every State API call.
         port = free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
                  object_store_memory=512 << 20,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}})
+        del os.environ["RAY_API_SERVER_ADDRESS"]
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     # Left running for the rest of the session; pytest's exit tears the processes down.

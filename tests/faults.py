@@ -1,4 +1,5 @@
-"""Real faults for the tests: a TCP proxy that cuts every connection to a server, as toxiproxy does."""
+"""Real faults for the tests: a TCP proxy that cuts every connection to a server, or narrows the link
+to a few kilobytes per second, as toxiproxy does."""
 
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ class TcpProxy:
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self.refused = 0
+        self._rate: float | None = None  # bytes/s through the proxy, all connections together (None: no limit)
+        self._budget_lock = threading.Lock()
+        self._next_free = 0.0
         threading.Thread(target=self._accept, daemon=True, name="tcp-proxy").start()
 
     @property
@@ -47,6 +51,22 @@ class TcpProxy:
 
     def up(self) -> None:
         self._down.clear()
+
+    def slow(self, bytes_per_s: float | None) -> None:
+        """From now on the link carries at most ``bytes_per_s`` (shared by every connection, as one
+        thin uplink); None lifts the limit."""
+        self._rate = bytes_per_s
+
+    def _throttle(self, n: int) -> None:
+        rate = self._rate
+        if not rate:
+            return
+        with self._budget_lock:
+            now = time.monotonic()
+            start = max(now, self._next_free)
+            self._next_free = start + n / rate
+            wait = self._next_free - now
+        time.sleep(max(0.0, wait))
 
     def outage(self, seconds: float) -> threading.Thread:
         """Down now, up again after ``seconds`` (on a thread)."""
@@ -83,9 +103,10 @@ class TcpProxy:
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while True:
-                data = src.recv(1 << 16)
+                data = src.recv(1 << 12 if self._rate else 1 << 16)
                 if not data:
                     break
+                self._throttle(len(data))
                 dst.sendall(data)
         except OSError:
             pass

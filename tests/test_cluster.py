@@ -234,7 +234,7 @@ def _ray_env(**extra: str) -> dict:
     return env
 
 
-def _stop_ray_under(temp_dir: str, timeout_s: float = 20.0) -> None:
+def _stop_ray_under(temp_dir: str, timeout_s: float = 5.0) -> None:
     """Kill the Ray processes of one cluster: those whose command line names its --temp-dir, and
     their children (job drivers). By PID, never by name: other Ray clusters on this machine live on."""
     import psutil

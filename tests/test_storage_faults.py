@@ -21,8 +21,10 @@ from raysft.storage import files, retry
 @pytest.fixture
 def s3_up(s3):
     s3.proxy.up()
+    s3.proxy.slow(None)
     yield s3
     s3.proxy.up()
+    s3.proxy.slow(None)
 
 
 def _keys(s3, prefix: str) -> list[str]:
@@ -54,6 +56,40 @@ def test_past_the_deadline_it_fails_with_one_clear_error(s3_up):
     finally:
         s3_up.proxy.up()
         retry.configure(600)
+
+
+def _checkpoint_folder(root: Path, count: int, size: int) -> Path:
+    ckpt = root / "checkpoint-5"
+    ckpt.mkdir(parents=True)
+    for i in range(count):
+        (ckpt / f"shard-{i:02d}.bin").write_bytes(os.urandom(size))
+    ckpts.write_manifest(ckpt, 0, 1, {"global_step": 5})
+    return ckpt
+
+
+def test_an_upload_told_to_stop_stops_mid_transfer_and_is_never_complete(s3_up, tmp_path):
+    """What a preemption notice does to an older checkpoint still uploading (train/checkpoint.py):
+    on a thin S3 link no transfer starts after it, the ones in flight (s3transfer cannot abort a request
+    mid-body) finish, and what landed has no manifest."""
+    ckpt = _checkpoint_folder(tmp_path, count=40, size=32 << 10)  # 20 in flight at a time (files.py)
+    retry.configure(60)
+    s3_up.proxy.slow(128 << 10)  # 1.3 MB: ~10 s for all of it
+    stop_at = time.monotonic() + 1.0
+    uri = f"s3://{s3_up.bucket}/stopped/checkpoint-5"
+    with pytest.raises(files.UploadStopped):
+        files.upload_dir(ckpt, uri, stop=lambda: time.monotonic() > stop_at)
+    s3_up.proxy.slow(None)
+    landed = _keys(s3_up, "stopped/")
+    assert 0 < len(landed) < 40 and not [k for k in landed if "manifest" in k], landed
+    assert not ckpts.inspect(uri).complete
+    # Locally: between files.
+    seen = []
+    with pytest.raises(files.UploadStopped):
+        files.upload_dir(ckpt, str(tmp_path / "local" / "checkpoint-5"), stop=lambda: seen.append(1) or len(seen) > 2)
+    assert sorted(p.name for p in (tmp_path / "local" / "checkpoint-5").iterdir()) == ["shard-00.bin", "shard-01.bin"]
+    # Not told to stop: the whole folder, manifest last.
+    files.upload_dir(ckpt, uri)
+    assert ckpts.inspect(uri).complete
 
 
 def test_answers_are_not_retried(s3_up, tmp_path):

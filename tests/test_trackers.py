@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import compose
 
-from raysft.run import driver
+from raysft.run import driver, preflight
 from raysft.train import trackers
 
 PROMPT = "What is 12 + 30?"  # conf/stage/tiny.yaml's sample prompt
@@ -116,7 +116,7 @@ def test_a_tracker_that_is_not_installed_fails_before_ray_starts(monkeypatch, tm
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trackio" else real(name, *a))
     started = ray.is_initialized()
-    with pytest.raises(trackers.TrackerNotInstalledError, match="pip install trackio"):
+    with pytest.raises(preflight.TrackerNotInstalledError, match="pip install trackio"):
         driver.run(compose("trainer.report_to=[trackio]", f"storage.path={tmp_path}"))
     assert ray.is_initialized() == started
 

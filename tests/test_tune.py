@@ -92,6 +92,14 @@ def test_bad_sweep_settings_fail_with_what_to_change(override, message):
     assert message in str(e.value)
 
 
+def test_a_sweep_writes_no_secret_given_on_its_command_line():
+    cfg = compose("sweep=lr")
+    base, _ = sweep_space.base_overrides(["sweep=lr", "+trainer.trl_overrides.hub_token=hf_x", "trainer.max_steps=3"], cfg)
+    assert base == ["trainer.max_steps=3"]  # the token reaches the trials as HF_TOKEN (the end-to-end sweep test)
+    with pytest.raises(sweep_space.SweepConfigError, match="set it in the environment"):
+        sweep_space.base_overrides(["sweep=lr", "+trainer.trl_overrides.hub_private_api_key=x"], cfg)
+
+
 def test_optuna_search_takes_no_grid():
     pytest.importorskip("optuna")
     assert compose("sweep=lr", "sweep.search_alg=optuna").sweep.search_alg == "optuna"
@@ -162,13 +170,18 @@ class InterruptAfterFirstTrial(TuneCallback):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_sweep_early_stops_resumes_after_an_interruption_and_its_best_config_reproduces(ray_cluster, tmp_path):
-    """4 trials of 6 steps (a grid over learning rates, 1e-7 the hopeless one, run last), ASHA on the
-    per-step loss. The sweep is interrupted after its first trial and resumed by the same call.
-    (One sweep for both: each trial is a full raysft run, ~1.5 min on a loaded 2-core box.)"""
-    overrides = [f"storage.path={tmp_path}", "sweep=lr", "sweep.name=asha", _grid(3e-3, 1e-2, 1e-3, 1e-7),
+def test_sweep_early_stops_resumes_after_an_interruption_and_its_best_config_reproduces(ray_cluster, tmp_path,
+                                                                                       monkeypatch):
+    """3 trials of 6 steps (a grid over learning rates, 1e-7 the hopeless one, run last), ASHA on the
+    per-step loss. The sweep is interrupted after its first trial and resumed by the same call; a hub
+    token given on its command line is found in none of its files.
+    (One sweep for all: each trial is a full raysft run, ~1.5 min on a loaded 2-core box.)"""
+    planted = "hf_plantedSweepToken0123456789"
+    monkeypatch.delenv("HF_TOKEN", raising=False)  # the sweep moves the token there; restored afterwards
+    overrides = [f"storage.path={tmp_path}", "sweep=lr", "sweep.name=asha", _grid(3e-3, 1e-2, 1e-7),
                  "sweep.metric=loss", "sweep.num_samples=1", "sweep.scheduler.grace_period=1",
-                 "sweep.scheduler.reduction_factor=2", "trainer.max_steps=6", *TINY]
+                 "sweep.scheduler.reduction_factor=2", "trainer.max_steps=6",
+                 f"+trainer.trl_overrides.hub_token={planted}", *TINY]
     sweep_dir = tmp_path / "asha"
 
     # Interrupted (Ctrl-C) once the first trial has finished.
@@ -182,10 +195,10 @@ def test_sweep_early_stops_resumes_after_an_interruption_and_its_best_config_rep
     # The same call again resumes the sweep: the finished trial is not run again.
     result = sweeps.run(overrides)
     assert (metrics.read_bytes(), metrics.stat().st_mtime_ns) == before
-    assert len(list(tmp_path.glob("asha-trial-*"))) == 4
+    assert len(list(tmp_path.glob("asha-trial-*"))) == 3
 
     rows = {float(r["trainer.learning_rate"]): r for r in _rows(sweep_dir)}
-    assert sorted(rows) == [1e-7, 1e-3, 3e-3, 1e-2]
+    assert sorted(rows) == [1e-7, 3e-3, 1e-2]
     assert rows[1e-7]["status"] == "stopped early" and int(rows[1e-7]["steps"]) < 6, rows[1e-7]
     for r in rows.values():  # each trial is a raysft run of its own, next to the sweep
         assert Path(r["run"]).name == f"asha-trial-{r['trial']}" and (Path(r["run"]) / "metrics.jsonl").exists()
@@ -212,3 +225,8 @@ def test_sweep_early_stops_resumes_after_an_interruption_and_its_best_config_rep
     assert json.loads((sweep_dir / SweepDir.SPEC).read_text())["base_overrides"][-1] == TINY[-1]
     with pytest.raises(sweep_space.SweepConfigError, match="already exists"):
         sweeps.run([*overrides, "trainer.max_steps=3"])
+
+    # The hub token: in the trials' environment, in no file of the sweep, its trials or Tune's state.
+    assert os.environ["HF_TOKEN"] == planted
+    leaks = [p for p in tmp_path.rglob("*") if p.is_file() and planted.encode() in p.read_bytes()]
+    assert not leaks, leaks

@@ -23,7 +23,7 @@ from raysft.config.secrets import hub_token_to_env, redact
 from raysft.data.pipeline import DataSpec, DataStats, build_spec, collect_stats
 from raysft.data.prepared import PreparedSet, prepare
 from raysft.data.prepared import describe as describe_prepared
-from raysft.run import restarts
+from raysft.run import console, restarts
 from raysft.run.ray_init import init_ray, ray_logging
 from raysft.run import preflight
 from raysft.run import summary as summaries
@@ -33,7 +33,7 @@ from raysft.storage import files, retry
 from raysft.storage.retry import unsaved_dir
 from raysft.storage.rundir import RunDir, Storage
 from raysft.train import model as models
-from raysft.train.worker import LoopConfig, check_world_size, train_loop
+from raysft.train.loop import LoopConfig, check_world_size, train_loop
 
 log = logging.getLogger("raysft")
 
@@ -131,7 +131,8 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
     # Redacted: Ray Train keeps train_loop_config in its run state (dashboard, export events).
     loop = LoopConfig(cfg=redact(to_plain(cfg)), run_root=rundir.root, run_name=name, max_steps=d.max_steps,
                       source_names=spec.source_names, has_eval=has_eval, prepared_uri=prepared.uri,
-                      save_steps=d.save_steps, init_checkpoint=init_checkpoint, report_metrics=bool(callbacks))
+                      save_steps=d.save_steps, init_checkpoint=init_checkpoint, report_metrics=bool(callbacks),
+                      live_progress=console.live_progress_wanted(cfg.monitor.verbose))
     rundir.forget_ray_registry()
     storage_path, storage_fs = rundir.ray_storage()
     trainer = TorchTrainer(
@@ -140,16 +141,18 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=restarts.failure_config(cfg),
-                             worker_runtime_env={"env_vars": files.forwarded_env()}, callbacks=callbacks,
+                             worker_runtime_env={"env_vars": worker_env(cfg)}, callbacks=callbacks,
                              checkpoint_config=checkpoint_config(cfg), logging_config=ray_logging(cfg, train=True)),
     )
     started = time.perf_counter()
     try:
         result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - turned into one line; the traceback goes to a file
+        console.progress.close()
         failure = explain(e, save_traceback(e, rundir))
         upload_console_log(rundir, driver_log)
         raise RunFailedError(failure) from e
+    console.progress.close()
     t = cfg.trainer
     for uri in rundir.apply_retention(keep=t.save_total_limit, score_key=t.metric_for_best_model,
                                       greater_is_better=t.greater_is_better):
@@ -161,6 +164,14 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
     print(f"raysft: done. Run directory: {rundir.uri} (logs in {RunDir.LOGS}/)", flush=True)
     upload_console_log(rundir, driver_log)
     return RunResult(rundir.uri, d.max_steps, stats, dict(result.metrics or {}))
+
+
+def worker_env(cfg: RaySFTConfig) -> dict[str, str]:
+    """What the workers get on top of their node's environment (never a secret: secrets.py)."""
+    env = files.forwarded_env()
+    if not cfg.scaling.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would probe for CUDA and say so on every worker
+    return env
 
 
 def _round(v, digits: int = 3):

@@ -3,6 +3,7 @@ that names the setting to change. ``preflight=false`` skips it (experts, air-gap
 
 from __future__ import annotations
 
+import importlib.util
 import uuid
 
 from raysft.config import RaySFTConfig
@@ -10,7 +11,6 @@ from raysft.storage import files
 from raysft.storage.retry import StorageUnavailableError, retrying
 from raysft.storage.rundir import absolute
 from raysft.train import model as models
-from raysft.train import trackers
 
 PROBE_TIMEOUT_S = 15.0
 
@@ -52,5 +52,24 @@ def run_checks(cfg: RaySFTConfig) -> None:
         return
     if cfg.model.init == "pretrained":
         models.check_available(cfg.model)
-    trackers.check_installed(cfg.trainer.report_to)
+    check_installed(cfg.trainer.report_to)
     check_storage(cfg)
+
+
+# report_to name -> (modules, any of which will do; what to install)
+_PACKAGES = {"trackio": (("trackio",), "trackio"), "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+             "wandb": (("wandb",), "wandb"), "mlflow": (("mlflow",), "mlflow"), "comet_ml": (("comet_ml",), "comet_ml"),
+             "clearml": (("clearml",), "clearml"), "swanlab": (("swanlab",), "swanlab")}
+
+class TrackerNotInstalledError(ValueError):
+    """A tracker in ``trainer.report_to`` that cannot be imported (raised before Ray starts)."""
+
+
+def check_installed(report_to: list[str]) -> None:
+    """Every tracker ``trainer.report_to`` names can be imported here, or one line naming the install."""
+    for name in report_to:
+        modules, pip = _PACKAGES.get(name, ((), ""))
+        if modules and not any(importlib.util.find_spec(m) for m in modules):
+            raise TrackerNotInstalledError(
+                f"trainer.report_to names {name}, which is not installed: pip install {pip} "
+                "(or pip install 'raysft[trackers]' for trackio, wandb and tensorboard), or drop it from trainer.report_to")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
 import boto3
 import pyarrow.fs as pafs
@@ -104,16 +106,27 @@ CHUNK = 64 << 20
 LAST = re.compile(r"^raysft_(manifest_rank\d+|state)\.json$")
 
 
-def upload_dir(local_dir: str | Path, uri: str) -> None:
+class UploadStopped(Exception):
+    """``upload_dir`` stopped because its ``stop()`` said so; what was sent has no manifest (incomplete)."""
+
+
+def _never() -> bool:
+    return False
+
+
+def upload_dir(local_dir: str | Path, uri: str, *, stop: Callable[[], bool] = _never) -> None:
     """Copy a local directory tree to ``uri`` (local or remote), its manifests last, each file
-    retried through a storage outage."""
+    retried through a storage outage. ``stop()`` is asked between files (and while S3 parts are in
+    flight): True ends the upload with ``UploadStopped``, before any manifest is sent."""
     if uri.startswith("s3://"):
-        return _upload_dir_s3(Path(local_dir), uri)
+        return _upload_dir_s3(Path(local_dir), uri, stop)
     fs, path = filesystem(uri)
     local = Path(local_dir)
     retrying(f"mkdir {uri}", lambda: fs.create_dir(path, recursive=True))
     found = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (bool(LAST.match(p.name)), str(p)))
     for p in found:
+        if stop():
+            raise UploadStopped(uri)
         dest = f"{path}/{p.relative_to(local).as_posix()}"
 
         def copy(p=p, dest=dest) -> None:
@@ -124,7 +137,7 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
         retrying(f"upload {p.name} to {uri}", copy)
 
 
-def _upload_dir_s3(local_dir: Path, uri: str) -> None:
+def _upload_dir_s3(local_dir: Path, uri: str, stop: Callable[[], bool]) -> None:
     """S3 uploads through s3transfer, as ``aws s3 cp --recursive`` does: multipart, several parts in flight.
 
     NOTE: not pyarrow: its S3 uploads must run single-threaded (see upload_dir), which measured 2.5x
@@ -143,16 +156,22 @@ def _upload_dir_s3(local_dir: Path, uri: str) -> None:
             futures = {p: manager.upload(str(p), bucket, key(p)) for p in batch}
             for p, f in futures.items():
                 # A file whose transfer failed is sent again (alone) until the storage deadline.
-                retrying(f"upload {p.name} to {uri}", _sent(manager, f, p, bucket, key(p)))
+                retrying(f"upload {p.name} to {uri}", _sent(manager, f, p, bucket, key(p), stop))
+            # (leaving the manager's block on UploadStopped cancels the transfers still in flight)
 
 
-def _sent(manager, future, p: Path, bucket: str, key: str):
+def _sent(manager, future, p: Path, bucket: str, key: str, stop: Callable[[], bool]):
     """A callable that waits for the submitted transfer the first time, and sends the file again on
-    every later call (each retry)."""
+    every later call (each retry); ``UploadStopped`` as soon as ``stop()``."""
     tries = iter(range(1 << 30))
 
     def attempt() -> None:
-        (future if next(tries) == 0 else manager.upload(str(p), bucket, key)).result()
+        f = future if next(tries) == 0 else manager.upload(str(p), bucket, key)
+        while not f.done():
+            if stop():
+                raise UploadStopped(key)
+            time.sleep(0.05)
+        f.result()
 
     return attempt
 

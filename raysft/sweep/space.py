@@ -10,6 +10,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from ray import tune
 
 from raysft.config import DistributionConfig, RaySFTConfig, SweepConfig, check_override_keys, compose
+from raysft.config.secrets import SECRET_KEY
 
 EVAL_EVERY_LOGGING_STEPS = 10
 """With an eval metric and ``trainer.eval_steps=null``, trials evaluate every this many logging steps."""
@@ -51,15 +52,22 @@ def trial_overrides(values: dict[str, Any]) -> list[str]:
 
 def base_overrides(overrides: list[str], cfg: RaySFTConfig) -> tuple[list[str], list[str]]:
     """The overrides every trial shares: the command line minus the sweep's own keys, the run name
-    and the keys the space samples; plus what the metric needs. Returns (overrides, notes)."""
+    and the keys the space samples; plus what the metric needs. Returns (overrides, notes).
+
+    The shared overrides are written into the sweep's files (its spec, Tune's experiment state, best
+    configs): the hub token is left out (the trials read it from HF_TOKEN, where the caller puts it)
+    and any other secret-named key is refused."""
     sweep = cfg.sweep
     assert sweep is not None
     drop = set(sweep.space) | {"storage.name"}
     base = []
     for o in overrides:
         key = override_key(o)
-        if key == "sweep" or key.startswith("sweep.") or key in drop:
+        if key == "sweep" or key.startswith("sweep.") or key in drop or key == "trainer.trl_overrides.hub_token":
             continue
+        if SECRET_KEY.search(key.rsplit(".", 1)[-1]):
+            raise SweepConfigError(f"{key} holds a secret, and a sweep writes its overrides into its files: "
+                                   "set it in the environment of the sweep instead (e.g. HF_TOKEN, WANDB_API_KEY)")
         base.append(o)
     notes = []
     if sweep.metric.startswith("eval_") and "trainer.eval_steps" not in sweep.space:

@@ -32,6 +32,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from raysft.config import SweepConfig, compose, derived
+from raysft.config.secrets import hub_token_to_env
 from raysft.run import driver
 from raysft.run.ray_init import init_ray
 from raysft.storage import files
@@ -160,6 +161,8 @@ def run(overrides: list[str], *, config_dir: Optional[str] = None, config_name: 
     if sweep is None:
         raise SweepConfigError("no sweep selected: add sweep=<preset> (conf/sweep/: lr, lora, packing, mixture)")
     base, notes = base_overrides(overrides, cfg)
+    if hub_token_to_env(cfg.trainer.trl_overrides):  # the trials read it there; it is not in `base`
+        notes.append("trainer.trl_overrides.hub_token: the trials get it as HF_TOKEN (it is written nowhere)")
     check_space(sweep, base, config_dir=config_dir, config_name=config_name)
     if cfg.model.init == "pretrained":
         models.check_available(cfg.model)  # fail before Ray starts

@@ -18,6 +18,7 @@ from torch.utils.data import IterableDataset
 from raysft.data.shards import PreparedRows, RowStream, eval_batches
 from raysft.storage import files
 from raysft.storage.rundir import RunDir
+from raysft.storage.synced import SyncedFile
 
 MODEL_COLUMNS = ("input_ids", "labels", "position_ids")
 ROW_COLUMNS = (*MODEL_COLUMNS, "source_ids")
@@ -79,8 +80,10 @@ class BatchAudit:
     rank trains on. A resumed run appends the steps it re-trains again, under a higher data session."""
 
     def __init__(self, path: str, upload_to: str | None, session: int):
-        self.path, self.upload_to, self.session = path, upload_to, session
+        self.path, self.session = path, session
+        self.synced = SyncedFile(path, upload_to)  # a run in object storage: earlier attempts' lines first
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.synced.pull()
         self.f = open(path, "a")
 
     def write(self, step: int, micro: int, batch) -> None:
@@ -89,8 +92,7 @@ class BatchAudit:
 
     def finish(self) -> None:
         self.f.close()
-        if self.upload_to:
-            files.write_bytes(self.upload_to, open(self.path, "rb").read())
+        self.synced.push()
 
 
 def batch_audit(enabled: bool, rundir: RunDir, scratch: str, rank: int, session: int) -> BatchAudit | None:

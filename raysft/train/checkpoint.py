@@ -52,6 +52,14 @@ class RayCheckpointCallback(TrainerCallback):
         self.retention, self.max_failed, self.keep_dir = retention, max_failed, Path(keep_dir)
         self.last_eval: dict[str, float] = {}
         self.failed_in_a_row = 0
+        self.urgent_step: int | None = None  # a preemption checkpoint's step (see ``put_first``)
+        self.synced: list = []  # SyncedFiles brought up to date in storage after each checkpoint upload
+
+    def put_first(self, step: int) -> None:
+        """A preemption notice: checkpoint ``step`` is taken now and must reach storage before the
+        deadline. Ray uploads one checkpoint at a time, so an older one still uploading stops at its
+        next file (left without manifests: never complete) and this one goes next."""
+        self.urgent_step = step
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         self.last_eval = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
@@ -73,15 +81,22 @@ class RayCheckpointCallback(TrainerCallback):
 
     def _upload(self, checkpoint, checkpoint_dir_name: str):
         dest = self.run.file(checkpoint_dir_name)
+        step = int(Path(checkpoint.path).name.rsplit("-", 1)[-1])  # the Trainer's folder is checkpoint-<step> (on_save)
         try:
-            files.upload_dir(checkpoint.path, dest)
+            files.upload_dir(checkpoint.path, dest, stop=lambda: (self.urgent_step or 0) > step)
+        except files.UploadStopped:
+            log.warning("raysft: upload of checkpoint %s (step %d) stopped: the preemption checkpoint at step %d goes "
+                        "first; the partial copy has no manifest and is deleted at the next resume", checkpoint_dir_name,
+                        step, self.urgent_step)
         except StorageUnavailableError as e:
             self._abandon(checkpoint.path, checkpoint_dir_name, e)
         else:
             self.failed_in_a_row = 0
             shutil.rmtree(self.keep_dir, ignore_errors=True)  # a later checkpoint is safe in storage
-            if self.on_uploaded is not None:  # the Trainer's folder is checkpoint-<step> (on_save)
-                self.on_uploaded(int(Path(checkpoint.path).name.rsplit("-", 1)[-1]), dest)
+            for f in self.synced:
+                f.try_push()
+            if self.on_uploaded is not None:
+                self.on_uploaded(step, dest)
             if self.rank == 0:
                 r = self.retention
                 for uri in self.run.apply_retention(keep=r.keep, score_key=r.score_key, greater_is_better=r.greater_is_better):

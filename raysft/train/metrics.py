@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import ray.train
 import torch
 from transformers import TrainerCallback
 
+from raysft.train.loop import PROGRESS_MARK
 from raysft.train.trackers import log_samples
 
 log = logging.getLogger("raysft")
@@ -24,7 +26,9 @@ _RENAMES = {"train_loss": "train_loss_mean"}
 
 class MetricsCallback(TrainerCallback):
     def __init__(self, metrics_path: str | None, *, world_size: int, report_to_ray: bool = True,
-                 flops_per_token: float | None = None, peak_flops_per_device: float | None = None):
+                 flops_per_token: float | None = None, peak_flops_per_device: float | None = None,
+                 live_progress: bool = False):
+        self.live_progress = live_progress
         self.path = Path(metrics_path) if metrics_path else None
         self.world_size = world_size
         self.report_to_ray = report_to_ray
@@ -39,6 +43,10 @@ class MetricsCallback(TrainerCallback):
         self._last_tokens = float(self.resume_tokens)
         if self.path and state.is_world_process_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.live_progress and state.is_world_process_zero:
+            print(f"{PROGRESS_MARK}{state.global_step}/{state.max_steps}", file=sys.stderr, flush=True)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})

@@ -64,6 +64,8 @@ class PreemptionCallback(TrainerCallback):
         self.notice: Notice | None = None
         self.records: list[dict[str, Any]] = []
         self._threads: list[threading.Thread] = []
+        self.on_notice: Callable[[int], None] | None = None  # f(step) when a checkpoint on notice is due
+        self.after_record: Callable[[], None] | None = None  # rank 0, once the record is in metrics.jsonl
 
     def on_step_end(self, args, state, control, **kwargs):
         if not self.every or state.global_step % self.every:
@@ -82,6 +84,8 @@ class PreemptionCallback(TrainerCallback):
             log.warning("raysft: preemption notice at step %d (ranks %s, %s): checkpointing now",
                         state.global_step, self.notice.ranks, left)
         control.should_save = True
+        if self.on_notice is not None:
+            self.on_notice(state.global_step)
         return control
 
     def on_save(self, args, state, control, **kwargs):
@@ -119,6 +123,8 @@ class PreemptionCallback(TrainerCallback):
         if self.metrics_path:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.after_record is not None:
+                self.after_record()
         if info.complete:
             spare = "" if record["deadline_left_s"] is None else f", {record['deadline_left_s']:.1f} s before the deadline"
             log.warning("raysft: preemption checkpoint at step %d complete %.1f s after the notice (local save %.1f s%s): %s",

@@ -13,7 +13,6 @@ storage keeps the folder in rank 0's scratch: fetched from storage at the start,
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import logging
 import os
@@ -27,26 +26,8 @@ from raysft.storage.rundir import RunDir
 log = logging.getLogger("raysft")
 
 PROJECT = "raysft"  # trackio's project and wandb's (WANDB_PROJECT) unless the user names one
-# report_to name -> (modules, any of which will do; what to install)
-_PACKAGES = {"trackio": (("trackio",), "trackio"), "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
-             "wandb": (("wandb",), "wandb"), "mlflow": (("mlflow",), "mlflow"), "comet_ml": (("comet_ml",), "comet_ml"),
-             "clearml": (("clearml",), "clearml"), "swanlab": (("swanlab",), "swanlab")}
 # HF's TrackioCallback leaves these run totals out of trackio (one value per run, not a curve).
 _RUN_TOTALS = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos"}
-
-
-class TrackerNotInstalledError(ValueError):
-    """A tracker in ``trainer.report_to`` that cannot be imported (raised before Ray starts)."""
-
-
-def check_installed(report_to: list[str]) -> None:
-    """Every tracker ``trainer.report_to`` names can be imported here, or one line naming the install."""
-    for name in report_to:
-        modules, pip = _PACKAGES.get(name, ((), ""))
-        if modules and not any(importlib.util.find_spec(m) for m in modules):
-            raise TrackerNotInstalledError(
-                f"trainer.report_to names {name}, which is not installed: pip install {pip} "
-                "(or pip install 'raysft[trackers]' for trackio, wandb and tensorboard), or drop it from trainer.report_to")
 
 
 def tracker_env(report_to: list[str], folder: str) -> dict[str, str]:

@@ -9,7 +9,6 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import datasets
@@ -32,6 +31,7 @@ from raysft.storage import checkpoints as ckpts
 from raysft.storage import files
 from raysft.storage import retry
 from raysft.storage.retry import unsaved_dir
+from raysft.storage.synced import SyncedFile
 from raysft.storage.rundir import RunDir
 from raysft.train import model as models
 from raysft.train.checkpoint import RayCheckpointCallback, Retention
@@ -44,29 +44,11 @@ from raysft.train import finish
 from raysft.train.finish import StepNow, best_effort, upload_final_model
 from raysft.train.steptimer import DataWait, StepTimer
 from raysft.train.trainer import RaySFTTrainer
+from raysft.train.loop import LoopConfig, check_world_size
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class LoopConfig:
-    """What the driver hands each worker (plain values only, as Ray's train_loop_config should be)."""
-
-    cfg: dict[str, Any]
-    run_root: str
-    run_name: str
-    max_steps: int
-    source_names: list[str]
-    has_eval: bool
-    prepared_uri: str = ""  # the prepared data set the workers read (raysft/data/prepared.py)
-    save_steps: float = 0  # 0 = no checkpoints; < 1 = a fraction of max_steps (as the recipes)
-    init_checkpoint: str | None = None  # `resume=<uri>`: start from another run's checkpoint
-    # Every logging step to ray.train.report: only a sweep reads them (Ray Tune); otherwise each report
-    # is a cross-rank barrier per step for nothing (bench/train_overhead.py: ~0.7 s of a 2 s CPU step).
-    report_metrics: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
 
 
 def build_sft_args(cfg: RaySFTConfig, *, output_dir: str, max_steps: int, has_eval: bool, bf16: bool, rank: int,
@@ -146,7 +128,8 @@ def scheduler_kwargs(kind: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in accepted}
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
+def run_worker(loop_config: dict[str, Any]) -> None:
+    """One training worker (Ray Train runs it through ``raysft.train.loop.train_loop``)."""
     # ---------------------------------------------------------------- setup
     lc = LoopConfig(**loop_config)
     cfg = from_plain(lc.cfg)
@@ -160,8 +143,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     logs.filter_console_handlers(logging.getLogger(), cfg.monitor.verbose)
     if not cfg.monitor.verbose:
         hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar
-    worker_log = os.path.join(rundir.local_path or tempfile.mkdtemp(prefix="raysft-logs-"), RunDir.LOGS, f"worker-rank{rank}.log")
-    logs.add_file_log(worker_log)
+    # A run in object storage keeps these three files current in storage (storage/synced.py).
+    worker_log = SyncedFile(os.path.join(rundir.local_path or tempfile.mkdtemp(prefix="raysft-logs-"), RunDir.LOGS,
+                                         f"worker-rank{rank}.log"),
+                            None if rundir.local_path else rundir.file(f"{RunDir.LOGS}/worker-rank{rank}.log"))
+    worker_log.pull()
+    logs.add_file_log(worker_log.local)
     _quiet_ray_reports()
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
@@ -210,9 +197,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # SFTTrainer insists on a datasets object; the real rows come from the prepared set (TrainBatches).
     placeholder = datasets.IterableDataset.from_generator(_placeholder_rows)
     cuda = torch.cuda.is_available()
-    metrics = MetricsCallback(os.path.join(local_run or scratch, RunDir.METRICS), report_to_ray=lc.report_metrics,
+    metrics_file = SyncedFile(os.path.join(local_run or scratch, RunDir.METRICS),
+                              None if local_run or rank else rundir.file(RunDir.METRICS))
+    metrics_file.pull()
+    metrics = MetricsCallback(metrics_file.local, report_to_ray=lc.report_metrics,
                               world_size=world, flops_per_token=6.0 * _param_counts(net)[1] if cuda else None,
-                              peak_flops_per_device=cfg.monitor.peak_tflops_per_gpu * 1e12 if cuda else None)
+                              peak_flops_per_device=cfg.monitor.peak_tflops_per_gpu * 1e12 if cuda else None,
+                              live_progress=lc.live_progress)
     samples = SampleCallback(tokenizer, list(cfg.monitor.sample_prompts), every_steps=cfg.monitor.sample_every_steps,
                              max_new_tokens=cfg.monitor.sample_max_new_tokens, metrics=metrics)
     t = cfg.trainer
@@ -222,7 +213,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                                   keep_dir=os.path.join(unsaved_dir(run_name), f"checkpoint-rank{rank}"))
     # On a preemption notice: save now (a just-in-time checkpoint through `saver`), timed to complete.
     preempt = PreemptionCallback(cfg.scaling.preemption_check_steps, rank=rank, metrics_path=metrics.path)
-    saver.on_uploaded = preempt.checkpoint_uploaded
+    saver.on_uploaded, preempt.on_notice = preempt.checkpoint_uploaded, saver.put_first
+    # Each checkpoint in storage brings the run's files there up to date (a restart continues them).
+    saver.synced = [metrics_file, worker_log, *([audit.synced] if audit else [])]
+    preempt.after_record = metrics_file.try_push
     step_now = StepNow()
     fed = DataWait(train_batches) if cfg.monitor.step_breakdown else train_batches
     timer = [StepTimer(fed, metrics.path, rank)] if cfg.monitor.step_breakdown else []
@@ -269,8 +263,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                    "rows_consumed_rank0": train_batches.rows_consumed, "resumed_from_step": step0, **final_eval}
         upload_final_model(model_dir, rundir)
         files.write_bytes(rundir.file(RunDir.TRAIN_SUMMARY), json.dumps(summary, indent=1).encode())
-        if not local_run:
-            best_effort(lambda: files.write_bytes(rundir.file(RunDir.METRICS), open(metrics.path, "rb").read()), "metrics")
+        best_effort(metrics_file.push, "metrics")
     if audit:
         best_effort(audit.finish, "the batch audit log")
     # Per-rank record: what this worker consumed and how it was wrapped (DDP / DeepSpeed).
@@ -280,9 +273,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         "attn_implementation": accel.attn_implementation, "gradient_accumulation_steps": grad_accum,
     }).encode()
     best_effort(lambda: files.write_bytes(rundir.worker_record(rank), record), f"workers/rank_{rank}.json")
-    if not local_run:
-        best_effort(lambda: files.write_bytes(rundir.file(f"{RunDir.LOGS}/{os.path.basename(worker_log)}"),
-                                               open(worker_log, "rb").read()), "the worker log")
+    best_effort(worker_log.push, "the worker log")
 
 
 def _restore(lc: LoopConfig, cfg: RaySFTConfig, scratch: str, rank: int, world: int) -> tuple[str | None, dict[str, Any]]:
@@ -309,21 +300,6 @@ def _restore(lc: LoopConfig, cfg: RaySFTConfig, scratch: str, rank: int, world: 
     state = ckpts.read_state(local)
     check_world_size(state.get("world_size"), world, cfg, chosen)
     return local, state
-
-
-def check_world_size(saved: int | None, world: int, cfg: RaySFTConfig, where: str) -> None:
-    """A checkpoint can continue on another number of workers only without DeepSpeed: ZeRO shards
-    optimizer state (and with stage 3 the weights) per rank. The data cursor is global either way."""
-    if saved is None or saved == world:
-        return
-    if cfg.deepspeed.enabled:
-        raise RuntimeError(
-            f"checkpoint {where} was written by {saved} workers and this run has {world}: DeepSpeed ZeRO-"
-            f"{cfg.deepspeed.stage} keeps optimizer state (and at stage 3 the weights) in per-rank shards, which "
-            f"cannot be re-split. Resume with scaling.num_workers={saved}, or export the checkpoint "
-            "(raysft export) and start a new run from the exported model.")
-    log.warning("resuming a %d-worker checkpoint on %d workers: weights, optimizer and data position carry over "
-                "(the data cursor is global); per-rank RNG states of new ranks start fresh", saved, world)
 
 
 def _continue_tracker_runs(cfg: RaySFTConfig, rundir: RunDir, scratch: str, rank: int) -> tuple[str, str | None]:
