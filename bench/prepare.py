@@ -13,7 +13,8 @@ weight set to ``--weight`` (weight > 1 repeats a source: >= 10M tokens at the de
 (c) a 4-trial learning-rate sweep: the data phase of each trial (the first prepares, the others reuse);
 (d) prepare tokens/s against a TRL-style baseline on the same cores (``SFTTrainer._prepare_dataset``
     with ``dataset_num_proc=--cpus``: datasets.map + pack; from bench/data_pipeline.py);
-(e) peak RSS of the driver and the data actors preparing 1x vs 5x the input (flat = bounded memory);
+(e) peak RSS of the driver and the data actors preparing 1x vs 5x the input (flat = bounded memory),
+    each in a fresh process of its own (``--rss-probe``), so nothing else this script did counts;
 (f) what a training worker waits for data per micro-batch reading the set directly: one synchronous
     read, and the wait left with read-ahead behind a simulated 0.5 s step.
 
@@ -24,7 +25,9 @@ load on the machine than wall time.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,9 +65,10 @@ def prepare_in(root: str, cfg, spec):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--weight", type=float, default=3.0)
+    ap.add_argument("--weight", type=float, default=9.0)  # >= 10M packed tokens at --max-length 4096
     ap.add_argument("--max-length", type=int, default=4096)
     ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--rss-probe", action="store_true", help="only prepare once and print its peak RSS as JSON (for (e))")
     a = ap.parse_args()
 
     import ray
@@ -80,6 +84,13 @@ def main() -> int:
     cfg.scaling.data_cpus_per_task, cfg.scaling.data_concurrency = 1.0, a.cpus  # every core preparing
     spec = make_spec(cfg)
     work = tempfile.mkdtemp(prefix="bench-prepare-")
+    if a.rss_probe:
+        prepared, m = timed(lambda: prepare_in(f"{work}/probe", cfg, spec))
+        print("RSS " + json.dumps({"tokens": prepared.stats().train_packed_tokens, "wall": m["wall"],
+                                   "driver": m["rss_driver"], "single": m["rss_single"], "workers": m["rss_workers"]}))
+        shutil.rmtree(work, ignore_errors=True)
+        ray.shutdown()
+        return 0
     print(f"input: smoltalk2-mini SFT x weight {a.weight}, {spec.plan.num_train:,} train rows, max_length "
           f"{a.max_length}, {a.cpus} CPUs; storage {work}")
 
@@ -128,15 +139,18 @@ def main() -> int:
           f"TRL-style datasets.map(num_proc={a.cpus}) + pack {base['tok_s']:,.0f} tokens/s ({base['wall']:.1f} s, "
           f"in memory) -> ratio {ours_tok_s / base['tok_s']:.2f}x (goal >= 1.5x)")
 
-    # (e) RSS with 5x the input
-    cfg5 = compose_cfg(a.max_length, weight=a.weight * 5)
-    cfg5.scaling.data_cpus_per_task, cfg5.scaling.data_concurrency = 1.0, a.cpus
-    spec5 = make_spec(cfg5)
-    five, m_five = timed(lambda: prepare_in(f"{work}/five", cfg5, spec5))
-    print(f"\n(e) peak RSS preparing 1x vs 5x the input ({tokens:,} vs {five.stats().train_packed_tokens:,} tokens): "
-          f"driver {m_first['rss_driver'] / MB:,.0f} vs {m_five['rss_driver'] / MB:,.0f} MB, one data actor "
-          f"{m_first['rss_single'] / MB:,.0f} vs {m_five['rss_single'] / MB:,.0f} MB, actors together "
-          f"{m_first['rss_workers'] / MB:,.0f} vs {m_five['rss_workers'] / MB:,.0f} MB")
+    # (e) RSS with 5x the input, each in a fresh process
+    def probe(weight: float) -> dict:
+        out = subprocess.run([sys.executable, __file__, "--rss-probe", "--weight", str(weight), "--max-length",
+                              str(a.max_length), "--cpus", str(a.cpus)], capture_output=True, text=True, check=True).stdout
+        return json.loads(next(x for x in out.splitlines() if x.startswith("RSS "))[4:])
+
+    one, five = probe(a.weight), probe(a.weight * 5)
+    print(f"\n(e) peak RSS preparing 1x vs 5x the input ({one['tokens']:,} vs {five['tokens']:,} tokens), each in a fresh "
+          f"process: driver {one['driver'] / MB:,.0f} vs {five['driver'] / MB:,.0f} MB "
+          f"({five['driver'] / one['driver']:.2f}x), one data actor {one['single'] / MB:,.0f} vs "
+          f"{five['single'] / MB:,.0f} MB ({five['single'] / one['single']:.2f}x), actors together "
+          f"{one['workers'] / MB:,.0f} vs {five['workers'] / MB:,.0f} MB ({five['workers'] / one['workers']:.2f}x)")
 
     # (f) data wait per micro-batch when a worker reads the set directly
     from raysft.data.shards import RowStream

@@ -383,13 +383,21 @@ SHRINK = ["model=tiny_smollm3", "data=sample_sft", "scaling=local_cpu", "storage
           "trainer.gradient_checkpointing=false", "trainer.save_strategy=no"]
 
 
+# The handbook's SmolLM3 SFT recipe trains under DeepSpeed ZeRO-3, so its shrunk run does too: the
+# suite's ZeRO-3 run on two CPU workers (the others run DDP, as scaling=local_cpu does).
+EXTRA = {"smollm3_sft": ["deepspeed=zero3"]}
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FILES)
-def test_shrunk_handbook_file_trains_two_steps(name, ray_cluster, tmp_path):
+def test_shrunk_handbook_file_trains_two_steps(name, ray_cluster, tmp_path, tokenizer):
+    from test_train import _generate
+
     from raysft.run import driver
 
-    cfg = compose_recipe(recipe(name), overrides=[*SHRINK, f"storage.path={tmp_path}", "storage.name=run"])
+    cfg = compose_recipe(recipe(name), overrides=[*SHRINK, *EXTRA.get(name, []), f"storage.path={tmp_path}",
+                                                  "storage.name=run"])
     raw = load_yaml(recipe(name))
     assert cfg.trainer.learning_rate == float(raw["learning_rate"])  # the file's, under the shrink
     result = driver.run(cfg)
@@ -398,3 +406,7 @@ def test_shrunk_handbook_file_trains_two_steps(name, ray_cluster, tmp_path):
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in m for m in metrics) and max(m.get("global_step", 0) for m in metrics) == 2
     assert (run_dir / "model").is_dir()
+    if "deepspeed=zero3" in EXTRA.get(name, []):
+        workers = [json.loads((run_dir / "workers" / f"rank_{r}.json").read_text()) for r in (0, 1)]
+        assert {w["wrapped_model"] for w in workers} == {"DeepSpeedEngine"}
+        _generate(run_dir / "model", tokenizer)  # ZeRO-3's 16-bit gather on save gives a full model

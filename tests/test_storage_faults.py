@@ -171,6 +171,23 @@ def test_a_storage_outage_during_a_checkpoint_upload_does_not_end_the_run(ray_cl
     summary = json.loads(files.read_bytes(f"{run_uri}/train_summary.json"))
     assert summary["global_step"] == steps  # every step trained
 
+    # A new run starts from that run's newest checkpoint in S3 (resume=<uri>; Ray Train V2 has no
+    # resume_from_checkpoint): it continues at the next step under its own name, its token count
+    # too, keeps only its newest checkpoint (trainer.save_total_limit=1) and leaves the source alone.
+    # (Resuming a run by name is tested in test_cluster, exact resume after a kill in test_resume.)
+    source = sorted(_keys(s3_up, f"runs/{name}/"))
+    first = [json.loads(x) for x in files.read_bytes(f"{run_uri}/metrics.jsonl").decode().splitlines()]
+    tokens_before = [m["num_tokens"] for m in first if m.get("global_step") == steps and "num_tokens" in m][0]
+    driver.run(compose(f"storage.path=s3://{s3_up.bucket}/runs", "storage.name=fork", f"trainer.max_steps={steps + 2}",
+                       "trainer.save_strategy=steps", "trainer.save_steps=1", "trainer.eval_steps=null",
+                       "monitor.sample_prompts=[]", f"resume={run_uri}"))
+    forked = [json.loads(x) for x in files.read_bytes(f"s3://{s3_up.bucket}/runs/fork/metrics.jsonl").decode().splitlines()]
+    assert [m["global_step"] for m in forked if "loss" in m] == [steps + 1, steps + 2]
+    assert [m["num_tokens"] for m in forked if m.get("global_step") == steps + 1 and "num_tokens" in m][0] > tokens_before
+    manifests = [k for k in _keys(s3_up, "runs/fork/") if "checkpoint_" in k and "raysft_manifest_rank" in k]
+    assert len(manifests) == 2  # the newest checkpoint only, one manifest per rank
+    assert sorted(_keys(s3_up, f"runs/{name}/")) == source
+
 
 @pytest.mark.ray
 @pytest.mark.slow

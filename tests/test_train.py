@@ -95,15 +95,6 @@ def test_default_run_trains_saves_and_reports(clean_run, tmp_path, tokenizer):
     assert stats["train_packed_rows"] == result.stats.train_packed_rows > 0
 
 
-def test_deepspeed_zero3_on_two_cpu_workers(ray_cluster, tmp_path, tokenizer):
-    _, run_dir, metrics, workers = _run(tmp_path, "deepspeed=zero3", "trainer.max_steps=4", "trainer.eval_steps=null",
-                                        "monitor.sample_prompts=[]")
-    losses = _losses(metrics)
-    assert len(losses) == 4 and losses[-1] < losses[0]
-    assert {w["wrapped_model"] for w in workers} == {"DeepSpeedEngine"} and len(workers) == 2
-    _generate(run_dir / "model", tokenizer)  # 16-bit gather on save gives a full model
-
-
 def test_lora_saves_only_the_adapter_and_merges(ray_cluster, tmp_path, tokenizer):
     import torch
     from peft import PeftModel

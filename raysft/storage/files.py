@@ -57,8 +57,9 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write a whole object (an object store publishes it only complete; retried as a whole)."""
+def write_bytes(uri: str, data: bytes, *, timeout_s: float | None = None) -> None:
+    """Write a whole object (an object store publishes it only complete; retried as a whole, for
+    ``timeout_s``, default ``storage.retry_timeout_s``)."""
     fs, path = filesystem(uri)
 
     def put() -> None:
@@ -66,7 +67,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         with fs.open_output_stream(path) as f:
             f.write(data)
 
-    retrying(f"write {uri}", put)
+    retrying(f"write {uri}", put, timeout_s=timeout_s)
 
 
 def read_bytes(uri: str) -> bytes:

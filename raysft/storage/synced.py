@@ -14,6 +14,8 @@ from raysft.storage import files
 
 log = logging.getLogger("raysft")
 
+TRY_PUSH_TIMEOUT_S = 5.0
+
 
 class SyncedFile:
     """``local``: the path the worker appends to. ``uri``: the file in the run directory (None for a
@@ -32,16 +34,20 @@ class SyncedFile:
             if f.tell() == 0:
                 f.write(earlier)
 
-    def push(self) -> None:
+    def push(self, *, timeout_s: float | None = None) -> None:
         """Storage's copy := the local file up to its last complete line (the writer may be mid-line)."""
         if not self.uri or not os.path.exists(self.local):
             return
         with open(self.local, "rb") as f:
             data = f.read()
-        files.write_bytes(self.uri, data[:data.rfind(b"\n") + 1])
+        files.write_bytes(self.uri, data[:data.rfind(b"\n") + 1], timeout_s=timeout_s)
 
-    def try_push(self) -> None:
+    def try_push(self) -> bool:
+        """A push between checkpoints: on the checkpoint upload thread, so it retries briefly only (an
+        outage must not hold the next checkpoint back); the next push or the end of the run tries again."""
         try:
-            self.push()
-        except Exception as e:  # noqa: BLE001 - the next push (or the end of the run) tries again
+            self.push(timeout_s=TRY_PUSH_TIMEOUT_S)
+            return True
+        except Exception as e:  # noqa: BLE001
             log.warning("raysft: %s not copied to storage this time (%s)", self.uri, e)
+            return False

@@ -93,8 +93,9 @@ class RayCheckpointCallback(TrainerCallback):
         else:
             self.failed_in_a_row = 0
             shutil.rmtree(self.keep_dir, ignore_errors=True)  # a later checkpoint is safe in storage
-            for f in self.synced:
-                f.try_push()
+            for f in self.synced:  # storage went away again: the rest wait for the next checkpoint
+                if not f.try_push():
+                    break
             if self.on_uploaded is not None:
                 self.on_uploaded(step, dest)
             if self.rank == 0:
