@@ -81,11 +81,8 @@ def is_transient(e: BaseException) -> bool:
 
 def retrying(what: str, fn: Callable[[], T], *, timeout_s: float | None = None) -> T:
     """``fn()``, retried on transient storage errors until it succeeds or ``timeout_s`` (default: the
-    configured deadline) has passed since its first failure; then ``StorageUnavailableError`` naming
-    ``what``. (From the first failure, not the call: a long healthy transfer that then meets a blip
-    still gets the whole deadline.)"""
-    timeout = _policy.timeout_s if timeout_s is None else timeout_s
-    deadline = None
+    configured deadline) has passed; then ``StorageUnavailableError`` naming ``what``."""
+    deadline = time.monotonic() + (_policy.timeout_s if timeout_s is None else timeout_s)
     backoff, attempt, first_error = _policy.first_backoff_s, 0, None
     while True:
         try:
@@ -97,8 +94,6 @@ def retrying(what: str, fn: Callable[[], T], *, timeout_s: float | None = None) 
             if not is_transient(e):
                 raise
             attempt += 1
-            if deadline is None:
-                deadline = time.monotonic() + timeout
             if first_error is None:
                 first_error = e
                 log.warning("raysft: storage unreachable (%s: %s); retrying for up to %.0f s",
