@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,12 +24,6 @@ def test_manifest_detects_incomplete_checkpoints(tmp_path):
     (tmp_path / "shard_1.pt").write_bytes(b"x" * 101)
     (tmp_path / ckpts.manifest_name(1)).unlink()  # one rank never finished
     assert ckpts.verify(tmp_path) == (False, "1 of 2 rank manifests")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import io
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from raysft.config.secrets import SECRET_KEY, redact
 
@@ -95,12 +95,6 @@ def test_submit_sends_no_credential_with_the_job_unless_named(tmp_path):
 # ----------------------------------------------------------------------------- the planted run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _forms(value: str) -> list[bytes]:
     """The byte patterns a leaked value could take: raw (also what repr, JSON, YAML and pickle
     protocol >= 1 hold for a plain ASCII token), UTF-16, hex and base64 at every alignment."""
@@ -159,7 +153,7 @@ def test_no_planted_secret_is_written_anywhere():
             d.mkdir()
         planted = {name: f"{name.lower().replace('_', '')}{secrets.token_hex(12)}"
                    for name in ("WANDB_API_KEY", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "hub_token")}
-        port = _free_port()
+        port = free_port()
         moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

@@ -61,6 +61,7 @@ _PACKAGES = {"trackio": (("trackio",), "trackio"), "tensorboard": (("tensorboard
              "wandb": (("wandb",), "wandb"), "mlflow": (("mlflow",), "mlflow"), "comet_ml": (("comet_ml",), "comet_ml"),
              "clearml": (("clearml",), "clearml"), "swanlab": (("swanlab",), "swanlab")}
 
+
 class TrackerNotInstalledError(ValueError):
     """A tracker in ``trainer.report_to`` that cannot be imported (raised before Ray starts)."""
 

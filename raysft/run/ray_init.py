@@ -4,7 +4,6 @@ the local cluster's own API address."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import socket
 
@@ -14,12 +13,11 @@ from raysft import logs
 from raysft.config import RaySFTConfig, derived
 from raysft.run import console
 
-log = logging.getLogger("raysft")
-
 # Settings (never secrets) every Ray process of a run gets: no usage stats, no tokenizer threads per
 # data actor, and Ray Train's print patch off (it logs each print once more through the root
 # logger: every worker line appeared twice).
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
 
 def ray_logging(cfg: RaySFTConfig, *, train: bool = False) -> ray.LoggingConfig:
     """Ray's console level. Ray Train's own console lines (its controller logs a failed worker's
