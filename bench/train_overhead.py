@@ -56,8 +56,7 @@ def plain_trl(cfg, prepared, steps: int, threads: int) -> list[dict]:
     accel = models.resolve_accel(cfg.model, bf16=False)
     net = models.build_model(cfg.model, accel, seed=cfg.trainer.seed)
     tok = models.load_tokenizer(cfg.model)
-    cfg.trainer.trl_overrides = {"ddp_backend": None}  # one process: no process group to join
-    args = build_sft_args(cfg, output_dir=tempfile.mkdtemp(), max_steps=steps, has_eval=False, bf16=False, rank=0)
+    args = build_sft_args(cfg, output_dir=tempfile.mkdtemp(), max_steps=steps, has_eval=False, bf16=False)
     args.use_cpu, args.report_to = True, []
     fed = DataWait(InMemory())
     timer = StepTimer(fed, None, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -129,3 +130,45 @@ def clean_run(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("clean")
     result = driver.run(compose(f"storage.path={root}", "storage.name=clean", *CLEAN_RUN))
     return result, root / "clean"
+
+
+@dataclass
+class GrownRun:
+    """A run that grew from 1 worker to 2 between its two attempts (see ``grown_run``)."""
+
+    root: Path  # storage.path
+    run_dir: Path
+    after_first: Path  # a copy of the run folder's trackers/ as the 1-worker attempt left it
+    source: str  # a source name of its mixture
+    common: list[str]  # the overrides both attempts share
+    first_worker: dict  # workers/rank_0.json as the 1-worker attempt wrote it
+
+
+GROWN_STEPS = (2, 4)  # the 1-worker attempt stops at step 2, the 2-worker one continues to step 4
+
+
+@pytest.fixture(scope="session")
+def grown_run(ray_cluster, tmp_path_factory):
+    """One run, resumed on more workers, reporting to its trackers; shared by test_resume (the global
+    data order continues across the resize) and test_trackers (trackio and TensorBoard continue the
+    same run). Attempt 1: 1 worker (accumulation 4) to step 2; attempt 2, the same storage.name: 2
+    workers (accumulation 2, the same 4 rows per step) to step 4. Checkpoints, evaluations and sample
+    generations every 2 steps; every micro-batch hashed."""
+    import importlib.util
+    import shutil
+
+    from raysft.run import driver
+
+    root = tmp_path_factory.mktemp("grown")
+    report = ["trackio", "tensorboard"] + (["wandb"] if importlib.util.find_spec("wandb") else [])
+    common = [f"storage.path={root}", "storage.name=grow", "trainer.save_strategy=steps", "trainer.save_steps=2",
+              "trainer.eval_steps=2", "monitor.sample_every_steps=2", "monitor.log_batch_hashes=true",
+              f"trainer.report_to=[{','.join(report)}]"]
+    first = driver.run(compose(*common, "scaling.num_workers=1", "trainer.gradient_accumulation_steps=4",
+                               f"trainer.max_steps={GROWN_STEPS[0]}"))
+    run_dir = Path(first.run_uri)
+    shutil.copytree(run_dir / "trackers", root / "after_first" / "trackers")
+    first_worker = json.loads((run_dir / "workers" / "rank_0.json").read_text())
+    driver.run(compose(*common, "scaling.num_workers=2", "trainer.gradient_accumulation_steps=2",
+                       f"trainer.max_steps={GROWN_STEPS[1]}"))
+    return GrownRun(root, run_dir, root / "after_first", next(iter(first.stats.sources)), common, first_worker)

@@ -137,7 +137,7 @@ def test_sft_config_the_workers_build_carries_the_recipe(name, tmp_path):
     from raysft.train.worker import build_sft_args
 
     cfg = compose(f"recipe={name}")
-    kw = dict(output_dir=str(tmp_path), max_steps=100, has_eval=True, rank=0)
+    kw = dict(output_dir=str(tmp_path), max_steps=100, has_eval=True, world=2)
     if not torch.cuda.is_available():  # transformers refuses bf16 without a GPU; the workers pass accel.bf16=False
         with pytest.raises(ValueError, match="bf16"):
             build_sft_args(cfg, bf16=True, **kw)

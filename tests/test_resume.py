@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CLEAN_RUN, compose
+from conftest import CLEAN_RUN, GROWN_STEPS, compose
 
 from raysft.run import driver
 
@@ -147,18 +147,12 @@ def _global_rows(storage: Path, seed: int, count: int) -> list[str]:
     return [row_digests(stream.batch_at(g))[0] for g in range(count)]
 
 
-def test_a_resume_on_more_workers_continues_the_global_data_order(ray_cluster, tmp_path):
+def test_a_resume_on_more_workers_continues_the_global_data_order(grown_run):
     """What an elastic resize does (Ray Train restarts the group, bigger, from the latest checkpoint):
     a run on 1 worker (accumulation 4) stops at step 2; the same run resumed on 2 workers
     (accumulation 2, the same 4 rows per step) trains every step on the next rows of the same global
-    order: none lost, none repeated."""
-    run_dir = tmp_path / "grow"
-    common = [f"storage.path={tmp_path}", "storage.name=grow", "trainer.save_strategy=steps", "trainer.save_steps=2",
-              "trainer.eval_steps=null", "monitor.sample_prompts=[]", "monitor.log_batch_hashes=true"]
-    driver.run(compose(*common, "scaling.num_workers=1", "trainer.gradient_accumulation_steps=4", "trainer.max_steps=2"))
-    steps = 4
-    driver.run(compose(*common, "scaling.num_workers=2", "trainer.gradient_accumulation_steps=2", f"trainer.max_steps={steps}"))
-
+    order: none lost, none repeated (conftest.grown_run)."""
+    run_dir, steps = grown_run.run_dir, GROWN_STEPS[1]
     audit = [json.loads(x) | {"rank": r} for r in (0, 1)
              for x in (run_dir / "workers" / f"batches_rank{r}.jsonl").read_text().splitlines()]
     first = min(e["session"] for e in audit)
@@ -167,9 +161,12 @@ def test_a_resume_on_more_workers_continues_the_global_data_order(ray_cluster, t
     assert {e["step"] for e in audit if e["session"] > first} == {3, 4}
     final = json.loads((run_dir / "workers" / "rank_1.json").read_text())
     assert final["world_size"] == 2 and final["gradient_accumulation_steps"] == 2
+    assert final["wrapped_model"] == "DistributedDataParallel"
+    # One worker trains as one plain process: no DDP around the model (worker._alone).
+    assert grown_run.first_worker["world_size"] == 1 and grown_run.first_worker["wrapped_model"] != "DistributedDataParallel"
 
     # Step s trained on global rows 4(s-1) .. 4s-1, whichever group ran it.
-    order = _global_rows(tmp_path, compose(*common).trainer.seed, 4 * steps)
+    order = _global_rows(grown_run.root, compose(*grown_run.common).trainer.seed, 4 * steps)
     for s in range(1, steps + 1):
         got = sorted(d for e in audit if e["step"] == s for d in e["rows"])
         assert got == sorted(order[g] for g in range(4 * (s - 1), 4 * s)), s

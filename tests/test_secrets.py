@@ -44,7 +44,7 @@ def test_sft_args_hold_no_secret_and_the_hub_token_moves_to_the_environment(comp
     cfg = compose_cfg("+trainer.trl_overrides.hub_token=hf_planted123", "+trainer.trl_overrides.hub_model_id=me/m")
     # What a worker gets (the driver redacts the train_loop_config) and what it would get unredacted.
     for seen in (from_plain(redact(to_plain(cfg))), cfg):
-        args = worker.build_sft_args(seen, output_dir="/tmp/x", max_steps=2, has_eval=False, bf16=False, rank=0)
+        args = worker.build_sft_args(seen, output_dir="/tmp/x", max_steps=2, has_eval=False, bf16=False)
         assert "hub_token" not in args and args["hub_model_id"] == "me/m"
     assert hub_token_to_env(cfg.trainer.trl_overrides) and os.environ["HF_TOKEN"] == "hf_planted123"
 

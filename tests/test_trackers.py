@@ -1,9 +1,9 @@
 """The trackers of ``trainer.report_to``, read back from their own stores (not raysft's metrics.jsonl).
 
 One short run of the default job reports to trackio and TensorBoard (and wandb, offline, when it is
-installed) with checkpoints every 2 steps, then a re-run under the same storage.name continues it
-to step 6: trackio's database holds one run reaching step 6, TensorBoard's event files in the same
-folder reach step 6, and both hold the train loss, a per-source loss, the eval loss and the sample
+installed) with checkpoints every 2 steps, then a re-run under the same storage.name (on more
+workers: conftest.grown_run, which test_resume shares) continues it to step 4: trackio's database
+holds one run reaching step 4, TensorBoard's event files in the same folder reach step 4, and both hold the train loss, a per-source loss, the eval loss and the sample
 generations. A tracker that is not installed fails before Ray starts."""
 
 from __future__ import annotations
@@ -11,32 +11,25 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import compose
+from conftest import GROWN_STEPS, compose
 
 from raysft.run import driver, preflight
 from raysft.train import trackers
 
 PROMPT = "What is 12 + 30?"  # conf/stage/tiny.yaml's sample prompt
 WANDB = importlib.util.find_spec("wandb") is not None
-
-
-def _overrides(root: Path, steps: int) -> list[str]:
-    report = ["trackio", "tensorboard"] + (["wandb"] if WANDB else [])
-    return [f"storage.path={root}", "storage.name=trk", f"trainer.max_steps={steps}", "trainer.eval_steps=2",
-            "monitor.sample_every_steps=2", "trainer.save_strategy=steps", "trainer.save_steps=2",
-            f"trainer.report_to=[{','.join(report)}]"]
+RUN = "grow"  # conftest.grown_run's storage.name: the tracker run continues under the run's name
 
 
 def _trackio(run_dir: Path) -> tuple[set[str], dict[int, dict]]:
-    """(run ids of run ``trk``, step -> every key logged at that step) from trackio's own database."""
+    """(run ids of the run named ``RUN``, step -> every key logged at that step) from trackio's own database."""
     db = run_dir / "trackers" / "trackio" / f"{trackers.PROJECT}.db"
     with sqlite3.connect(db) as con:
-        rows = con.execute("SELECT run_id, step, metrics FROM metrics WHERE run_name = 'trk'").fetchall()
+        rows = con.execute("SELECT run_id, step, metrics FROM metrics WHERE run_name = ?", (RUN,)).fetchall()
     steps: dict[int, dict] = {}
     for _, step, metrics in rows:
         steps.setdefault(step, {}).update(json.loads(metrics))
@@ -53,7 +46,7 @@ def _tensorboard(run_dir: Path):
 
 def _check_trackio(run_dir: Path, source: str, last: int) -> None:
     run_ids, steps = _trackio(run_dir)
-    assert len(run_ids) == 1, f"trackio holds {len(run_ids)} runs named trk, expected one continued run"
+    assert len(run_ids) == 1, f"trackio holds {len(run_ids)} runs named {RUN}, expected one continued run"
     assert max(steps) == last and all("train/loss" in steps[s] for s in range(1, last + 1)), sorted(steps)
     assert any(f"train/loss/{source}" in v for v in steps.values())
     assert "eval/loss" in steps[2] and any(k.startswith("eval/loss/") for k in steps[2])
@@ -73,31 +66,27 @@ def _check_tensorboard(run_dir: Path, source: str, last: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def tracked(ray_cluster, tmp_path_factory):
-    """(run directory, a copy of its trackers/ after the 4-step run, a source name) once the re-run
-    under the same storage.name has continued it to step 6 from its step-4 checkpoint."""
-    root = tmp_path_factory.mktemp("trackers")
-    first = driver.run(compose(*_overrides(root, 4)))
-    run_dir = Path(first.run_uri)
-    shutil.copytree(run_dir / "trackers", root / "after_first" / "trackers")
-    driver.run(compose(*_overrides(root, 6)))
-    return run_dir, root / "after_first", next(iter(first.stats.sources))
+def tracked(grown_run):
+    """(run directory, a copy of its trackers/ after the first attempt, a source name) of
+    conftest.grown_run: attempt 1 (1 worker) reports steps 1-2, attempt 2 (2 workers, the same
+    storage.name) continues from the step-2 checkpoint to step 4."""
+    return grown_run.run_dir, grown_run.after_first, grown_run.source
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_trackio_logs_into_the_run_and_continues_the_same_run(tracked):
     run_dir, after_first, source = tracked
-    _check_trackio(after_first, source, 4)
-    _check_trackio(run_dir, source, 6)
+    _check_trackio(after_first, source, GROWN_STEPS[0])
+    _check_trackio(run_dir, source, GROWN_STEPS[1])
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_tensorboard_logs_into_the_run_and_continues_the_same_folder(tracked):
     run_dir, after_first, source = tracked
-    _check_tensorboard(after_first, source, 4)
-    _check_tensorboard(run_dir, source, 6)
+    _check_tensorboard(after_first, source, GROWN_STEPS[0])
+    _check_tensorboard(run_dir, source, GROWN_STEPS[1])
 
 
 @pytest.mark.ray
@@ -107,7 +96,7 @@ def test_wandb_writes_its_offline_run_into_the_run(tracked):
     run_dir, _, _ = tracked
     runs = sorted((run_dir / "trackers" / "wandb").glob("offline-run-*"))
     assert runs and all(list(r.glob("run-*.wandb")) for r in runs), runs
-    assert all(r.name.endswith("-trk") for r in runs)  # the run id derived from the run name, both sessions
+    assert all(r.name.endswith(f"-{RUN}") for r in runs)  # the run id derived from the run name, both sessions
 
 
 def test_a_tracker_that_is_not_installed_fails_before_ray_starts(monkeypatch, tmp_path):

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -328,12 +329,19 @@ def build_dataset(spec: DataSpec, split: str = "train", mode: str = "rows", *, d
         return None
     items = [{"unit": u.index, "split": u.split} for u in units]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    return ds.map_batches(PrepareUnit, fn_constructor_kwargs={"spec": spec, "mode": mode, "out": out, "retry_timeout_s": retry_timeout_s}, batch_size=1,
-                          num_cpus=data_cpus, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=concurrency),
-                          # NOTE: no actor restarts. Ray warns (an error line on the console) about restartable
-                          # actors with constructor arguments in the object store; a data actor that dies fails
-                          # the prepare instead, and the next run resumes it from the shards already written.
-                          max_restarts=0)
+    with warnings.catch_warnings():
+        # NOTE: Ray 2.60 has no named parameter for max_restarts (its docs say pass it as here) yet
+        # warns that such extra keywords are deprecated; the warning is about this call only.
+        warnings.filterwarnings("ignore", message=r"`ray_remote_args` is deprecated")
+        return ds.map_batches(PrepareUnit, fn_constructor_kwargs={"spec": spec, "mode": mode, "out": out,
+                                                                  "retry_timeout_s": retry_timeout_s},
+                              batch_size=1, num_cpus=data_cpus,
+                              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=concurrency),
+                              # NOTE: no actor restarts. Ray warns (an error line on the console) about
+                              # restartable actors with constructor arguments in the object store; a data
+                              # actor that dies fails the prepare instead, and the next run resumes it from
+                              # the shards already written.
+                              max_restarts=0)
 
 
 def collect_stats(spec: DataSpec, *, data_cpus: float, concurrency: int) -> DataStats:

@@ -62,20 +62,44 @@ def fused_token_loss(model, inputs: dict[str, torch.Tensor], num_items_in_batch=
 
 def plain_token_loss(model, inputs: dict[str, torch.Tensor], num_items_in_batch=None) -> TokenLoss:
     """The same loss from plain fp32 logits (raysft's CPU path: TRL's fused head without Triton is ~4x
-    slower than a plain forward; see ``RaySFTTrainer._compute_loss_unfused``)."""
+    slower than a plain forward; see ``RaySFTTrainer._compute_loss_unfused``), scored only where a
+    label is trained.
+
+    The LM head and the softmax over a 128k vocabulary are most of a CPU step, and a position whose
+    next token is not trained (prompt, padding: ~3/4 of the default job's) adds nothing to the loss,
+    its gradient or the token metrics. So only the trained positions (of any row of the batch) get
+    logits, through ``logits_to_keep`` (a transformers causal LM takes a tensor of positions); a model
+    that does not take it is scored on every position and the same ones picked out after."""
     labels = inputs["labels"]
-    outputs = model(input_ids=inputs["input_ids"], position_ids=inputs.get("position_ids"), use_cache=False)
-    logits = outputs.logits[:, :-1].float()
     target = labels[:, 1:]
-    mask = target != -100
+    keep = (target != -100).any(0).nonzero().squeeze(-1)
+    if keep.numel() == 0:  # nothing trained in this micro-batch: one (masked) position keeps the graph whole
+        keep = keep.new_zeros(1)
+    kw = {"logits_to_keep": keep} if _takes_logits_to_keep(model) else {}
+    outputs = model(input_ids=inputs["input_ids"], position_ids=inputs.get("position_ids"), use_cache=False, **kw)
+    logits = outputs.logits.float() if kw else outputs.logits[:, :-1][:, keep].float()
+    kept = target[:, keep]
+    kept_mask = kept != -100
     log_probs = torch.log_softmax(logits, dim=-1)
-    token_logp = log_probs.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
-    nll = -token_logp
-    loss = _reduce(nll.sum(), mask, num_items_in_batch)
+    kept_nll = -log_probs.gather(-1, kept.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(~kept_mask, 0.0)
+    loss = _reduce(kept_nll.sum(), kept_mask, num_items_in_batch)
     with torch.no_grad():
-        entropy = -(log_probs.exp() * log_probs).sum(-1) * mask
-        correct = (logits.argmax(-1) == target) & mask
-    return TokenLoss(loss, nll, mask, entropy, correct, outputs)
+        kept_entropy = -(log_probs.exp() * log_probs).sum(-1) * kept_mask
+        kept_correct = (logits.argmax(-1) == kept) & kept_mask
+
+    def spread(values: torch.Tensor) -> torch.Tensor:  # back to (batch, seq - 1), 0 / False elsewhere
+        out = values.new_zeros(target.shape)
+        out[:, keep] = values
+        return out
+
+    return TokenLoss(loss, spread(kept_nll), target != -100, spread(kept_entropy), spread(kept_correct), outputs)
+
+
+def _takes_logits_to_keep(model) -> bool:
+    # DDP wraps the model in .module; a PeftModel and DeepSpeed's engine pass attributes through.
+    inner = getattr(model, "module", model)
+    supports = getattr(inner, "_supports_logits_to_keep", None)
+    return bool(supports and supports())
 
 
 def token_loss(model, inputs: dict[str, torch.Tensor], num_items_in_batch=None, *, fused: bool) -> TokenLoss:

@@ -51,10 +51,11 @@ log = logging.getLogger(__name__)
 
 
 
-def build_sft_args(cfg: RaySFTConfig, *, output_dir: str, max_steps: int, has_eval: bool, bf16: bool, rank: int,
+def build_sft_args(cfg: RaySFTConfig, *, output_dir: str, max_steps: int, has_eval: bool, bf16: bool, world: int = 1,
                    save_steps: float = 0, grad_accum: int | None = None, run_name: str | None = None):
     """SFTConfig from the curated ``trainer`` group; the data arrive packed, so TRL's own
-    preparation (tokenize, pack, collate) is switched off."""
+    preparation (tokenize, pack, collate) is switched off. ``world``: the number of workers (one
+    trains as a plain process, see ``_alone``)."""
     t = cfg.trainer
     cuda = torch.cuda.is_available()
     ds = deepspeed_config(cfg.deepspeed)
@@ -94,7 +95,7 @@ def build_sft_args(cfg: RaySFTConfig, *, output_dir: str, max_steps: int, has_ev
         deepspeed=ds,
         # No CUDA: plain DDP needs use_cpu + gloo; DeepSpeed brings its own CPU accelerator (gloo too).
         use_cpu=not cuda and ds is None,
-        ddp_backend=None if cuda else "gloo",
+        ddp_backend=None if cuda or (world == 1 and ds is None) else "gloo",
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         packing=False,
@@ -188,7 +189,9 @@ def run_worker(loop_config: dict[str, Any]) -> None:
     # from_pretrained / from_config build the model already partitioned (zero3_init).
     run_name = lc.run_name
     tracker_dir, tracker_upload = _continue_tracker_runs(cfg, rundir, scratch, rank)
-    args = build_sft_args(cfg, output_dir=scratch, max_steps=lc.max_steps, has_eval=lc.has_eval, bf16=accel.bf16, rank=rank,
+    if world == 1 and not cfg.deepspeed.enabled:
+        _alone()
+    args = build_sft_args(cfg, output_dir=scratch, max_steps=lc.max_steps, has_eval=lc.has_eval, bf16=accel.bf16, world=world,
                           save_steps=lc.save_steps, grad_accum=grad_accum, run_name=run_name)
     tokenizer = models.load_tokenizer(cfg.model)
     net = models.build_model(cfg.model, accel, peft=cfg.peft, seed=cfg.trainer.seed)
@@ -309,6 +312,19 @@ def _continue_tracker_runs(cfg: RaySFTConfig, rundir: RunDir, scratch: str, rank
     os.environ.setdefault("WANDB_RUN_ID", re.sub(r"[^A-Za-z0-9_-]", "-", rundir.name)[:64])
     os.environ.setdefault("WANDB_RESUME", "allow")
     return trackers.open_folder(rundir, scratch, list(cfg.trainer.report_to), rank)
+
+
+def _alone() -> None:
+    """A 1-worker run trains as one plain process.
+
+    NOTE: accelerate takes any process with LOCAL_RANK set (Ray Train sets it, with RANK and
+    WORLD_SIZE) for a distributed one and wraps the model in DDP even when the world is one: every
+    step then copies all gradients through DDP's buckets for nothing (bench/train_overhead.py). Ray
+    Train's own ``prepare_model`` skips DDP at world size 1; so does this, by taking the variables
+    out before the Trainer reads them. Ray's process group stays up (``_broadcast`` sees one rank).
+    DeepSpeed needs them, so a DeepSpeed run keeps them."""
+    for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK"):
+        os.environ.pop(key, None)
 
 
 def _broadcast(obj: Any) -> Any:
