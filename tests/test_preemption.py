@@ -6,8 +6,8 @@ ports with their own temp dirs (see ``test_cluster.ray_head``). The runs are ``p
 subprocesses connected with ``scaling.address``, so nothing here touches another Ray on the machine.
 
 - Elastic growth: a run with ``scaling.min_workers=1 scaling.num_workers=2`` starts on the head
-  alone (1 worker, accumulation 4); a second raylet joins mid-run; Ray Train restarts the group with
-  2 workers (accumulation 2) from the latest checkpoint, and every step trains on the same 4 rows of
+  alone (1 worker, accumulation 2 x GA); a second raylet joins mid-run; Ray Train restarts the group
+  with 2 workers (accumulation GA) from the latest checkpoint, and every step trains on the same rows of
   the global order whichever group ran it.
 - Preemption: ``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --deadline-remaining-seconds``
   on the raylet that hosts one of the 2 workers, while a periodic checkpoint crawls to S3 (moto,
@@ -44,7 +44,9 @@ from test_cluster import Head, _free_ports, _ray_env, _stop_ray_under, ray_head
 from raysft.storage import checkpoints as ckpts
 from raysft.storage import files
 
-GA = 2  # accumulation of the 2-worker runs: 4 rows per optimizer step
+# Accumulation of the 2-worker runs: 12 rows per optimizer step. The faults here need steps that take a
+# while (a raylet joining, a drain's deadline before the run ends): ~2.5 s a step on 2 CPU workers.
+GA = 6
 COMMON = [f"trainer.gradient_accumulation_steps={GA}", "trainer.eval_steps=null", "monitor.sample_prompts=[]",
           "monitor.log_batch_hashes=true", "trainer.save_strategy=steps"]
 # Preemption: periodic checkpoints at 5 and 10; the drain comes after the one at 5, its notice is
@@ -276,7 +278,7 @@ def test_an_elastic_run_grows_when_a_raylet_joins_and_keeps_the_global_order(clu
     assert summary["global_step"] == ELASTIC_STEPS and summary["resumed_from_step"] >= 2
     assert json.loads((run_dir / "workers" / "rank_1.json").read_text())["gradient_accumulation_steps"] == GA
 
-    # Step s trained on global positions 4(s-1) .. 4s-1, whichever group ran it (a step re-trained
+    # Step s trained on global positions 2GA(s-1) .. 2GA s - 1, whichever group ran it (a step re-trained
     # after the resize on the same rows): none lost, none repeated.
     order = _global_order(cluster.root, 2 * GA * ELASTIC_STEPS)
     for s in range(1, ELASTIC_STEPS + 1):

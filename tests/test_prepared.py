@@ -63,6 +63,35 @@ def test_a_shard_reads_back_exactly_and_loads_with_datasets(tmp_path):
     assert ds[3]["input_ids"] == list(np.asarray(columns["input_ids"][3]))
 
 
+def test_eval_rows_are_read_once_and_evaluate_with_storage_down(s3, tmp_path):
+    """A worker reads its share of the eval rows from S3 when it starts; with the link cut (the
+    test's proxy refuses every connection) every later evaluation still gets the same batches."""
+    from raysft.storage import files, retry
+    from raysft.train.batches import EvalBatches
+
+    cfg = compose()
+    spec = build_spec(cfg.data, TOKENIZER)
+    unit = spec.unit_plan().units("train")[0]
+    columns, stats = PrepareUnit(spec).prepare(unit)
+    uri = f"s3://{s3.bucket}/eval-once/eval/unit-00000.parquet"
+    n = shards.write_shard(uri, columns, stats, cfg.data.max_length)
+    rows = shards.PreparedRows({"eval": [(uri, n)]}, cfg.data.max_length)
+    retry.configure(2)
+    try:
+        share = EvalBatches(rows, rank=1, world=2, batch_size=2, timeout_s=30)
+        s3.proxy.down()
+        first, again = list(share), list(share)
+        with pytest.raises(retry.StorageUnavailableError):  # storage is really down
+            files.read_bytes(uri)
+    finally:
+        s3.proxy.up()
+        retry.configure(600)
+    assert share.in_memory is not None and len(first) == (n // 2 + 1) // 2
+    want = np.asarray(columns["input_ids"])[1:2 * (n // 2):2]  # rank 1 of 2: rows 1, 3, 5, ...
+    np.testing.assert_array_equal(np.concatenate([b["input_ids"].reshape(-1, cfg.data.max_length) for b in first]), want)
+    assert all(a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a) for a, b in zip(first, again))
+
+
 def test_consumed_positions_are_a_prefix_of_the_global_order_for_any_world_size():
     rows = shards.PreparedRows({"train": [("unused", 10)]}, 8)
 

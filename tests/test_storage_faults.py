@@ -128,7 +128,9 @@ def test_retention_keeps_the_newest_and_never_touches_an_upload_in_flight(tmp_pa
 
 # ----------------------------------------------------------------------------- real runs
 
-OUTAGE_S = 25
+# The outage outlasts the retries (the checkpoints it meets are abandoned) and ends well before the
+# run does (at ~0.5 s a step, 40 steps take ~25 s with their saves; the cut comes at the step-4 upload).
+OUTAGE_S, RETRY_S, SAVE_EVERY, STEPS = 12, 4, 4, 40
 
 
 def _cut_when_a_checkpoint_uploads(s3, prefix: str, done: list, stop: threading.Event) -> None:
@@ -146,15 +148,16 @@ def _cut_when_a_checkpoint_uploads(s3, prefix: str, done: list, stop: threading.
 def test_a_storage_outage_during_a_checkpoint_upload_does_not_end_the_run(ray_cluster, s3_up):
     from raysft.run import driver
 
-    name, steps = "outage", 18
+    name, steps = "outage", STEPS
     cut: list[float] = []
     stop = threading.Event()
     threading.Thread(target=_cut_when_a_checkpoint_uploads, args=(s3_up, f"runs/{name}/", cut, stop), daemon=True).start()
     try:
         result = driver.run(compose(f"storage.path=s3://{s3_up.bucket}/runs", f"storage.name={name}",
-                                    f"trainer.max_steps={steps}", "trainer.save_strategy=steps", "trainer.save_steps=3",
-                                    "trainer.save_total_limit=100", "trainer.eval_steps=null", "monitor.sample_prompts=[]",
-                                    "storage.retry_timeout_s=8", "storage.max_failed_checkpoints=6"))
+                                    f"trainer.max_steps={steps}", "trainer.save_strategy=steps",
+                                    f"trainer.save_steps={SAVE_EVERY}", "trainer.save_total_limit=100",
+                                    "trainer.eval_steps=null", "monitor.sample_prompts=[]",
+                                    f"storage.retry_timeout_s={RETRY_S}", "storage.max_failed_checkpoints=8"))
     finally:
         stop.set()
     assert cut, "storage was never cut"
@@ -164,8 +167,8 @@ def test_a_storage_outage_during_a_checkpoint_upload_does_not_end_the_run(ray_cl
     complete = sorted(c.step for c in found if c.complete)
     # Nothing half-written survives the run: every checkpoint folder left is complete.
     assert all(c.complete for c in found), [(c.uri, c.why) for c in found if not c.complete]
-    assert complete[-1] == steps and set(complete) <= set(range(3, steps + 1, 3))
-    assert len(complete) < steps // 3  # some were abandoned during the outage, the rest are there
+    assert complete[-1] == steps and set(complete) <= set(range(SAVE_EVERY, steps + 1, SAVE_EVERY))
+    assert len(complete) < steps // SAVE_EVERY  # some were abandoned during the outage, the rest are there
     keys = _keys(s3_up, f"runs/{name}/model/")
     assert any(k.endswith("model.safetensors") for k in keys)  # the final model is in storage
     summary = json.loads(files.read_bytes(f"{run_uri}/train_summary.json"))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from raysft.data.shards import PreparedRows, RowStream, eval_batches
+from raysft.data.shards import COLUMNS, PreparedRows, RowStream, eval_batches
 from raysft.storage import files
 from raysft.storage.rundir import RunDir
 from raysft.storage.synced import SyncedFile
@@ -65,14 +65,26 @@ class TrainBatches(IterableDataset):
 
 
 class EvalBatches(IterableDataset):
-    """This rank's equal share of the prepared eval rows (order does not matter for a mean loss)."""
+    """This rank's equal share of the prepared eval rows (order does not matter for a mean loss).
+
+    A share that fits in ``MEMORY_BYTES`` is read once, when the worker starts: every evaluation
+    then reads nothing from storage, so an outage late in a run cannot fail its final evaluation
+    (all ranks are in the loss gather: one rank cannot skip it), and periodic evaluations do not read
+    the same rows again. A bigger share streams from storage at each evaluation."""
+
+    MEMORY_BYTES = 256 << 20
 
     def __init__(self, rows: PreparedRows, *, rank: int, world: int, batch_size: int, timeout_s: float):
         self.rows, self.rank, self.world, self.batch_size, self.timeout_s = rows, rank, world, batch_size, timeout_s
+        share_bytes = rows.num_rows("eval") // world * rows.max_length * sum(t.byte_width for t in COLUMNS.values())
+        self.in_memory = list(self._read()) if share_bytes <= self.MEMORY_BYTES else None
+
+    def _read(self):
+        return eval_batches(self.rows, rank=self.rank, world=self.world, batch=self.batch_size, timeout_s=self.timeout_s)
 
     def __iter__(self):
-        for b in eval_batches(self.rows, rank=self.rank, world=self.world, batch=self.batch_size, timeout_s=self.timeout_s):
-            yield as_model_batch(b)
+        for b in self.in_memory if self.in_memory is not None else self._read():
+            yield as_model_batch(b)  # fresh tensors: the trainer pops keys from the batch it gets
 
 
 class BatchAudit:
