@@ -3,6 +3,8 @@ moto's S3 server cuts every connection, during a checkpoint upload and at the fi
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import os
 import subprocess
@@ -18,11 +20,18 @@ from raysft.storage import checkpoints as ckpts
 from raysft.storage import files, retry
 
 
+_BUCKETS = itertools.count()
+
+
 @pytest.fixture
 def s3_up(s3):
+    """The session's S3 with the link up, and a bucket of the test's own: moto lists a prefix by
+    scanning its whole bucket, and the suite's other runs fill the shared one."""
     s3.proxy.up()
     s3.proxy.slow(None)
-    yield s3
+    bucket = f"faults-{next(_BUCKETS)}"
+    s3.client.create_bucket(Bucket=bucket)
+    yield dataclasses.replace(s3, bucket=bucket)
     s3.proxy.up()
     s3.proxy.slow(None)
 

@@ -34,7 +34,8 @@ class MetricsCallback(TrainerCallback):
         self.report_to_ray = report_to_ray
         # MFU = achieved model FLOP/s (6 x params per trained token) / peak; only meaningful on GPUs.
         self.flops_per_token, self.peak = flops_per_token, peak_flops_per_device
-        self._t0 = self._last_t = None
+        # Set again when training begins; a run resumed at its last step only evaluates (no train begin).
+        self._t0 = self._last_t = time.perf_counter()
         self._last_tokens = 0.0
         self.resume_tokens = 0.0  # num_tokens already trained before a resume
 
