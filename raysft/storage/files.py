@@ -27,6 +27,12 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+# NOTE: one attempt per SDK call. storage/retry.py retries transient errors (5xx and throttling too)
+# until storage.retry_timeout_s and checks that deadline between attempts; the SDKs' own retries
+# (botocore: 4 more with backoff) ran inside one attempt and held an upload ~10 s past the deadline.
+SDK_RETRIES = {"mode": "standard", "max_attempts": 1}
+
+
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it). S3 honours ``AWS_ENDPOINT_URL`` for S3-compatible servers."""
     if not is_remote(uri):
@@ -35,7 +41,8 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         endpoint = os.environ["AWS_ENDPOINT_URL"]
         fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="https" if endpoint.startswith("https") else "http",
                                region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-                               access_key=os.environ.get("AWS_ACCESS_KEY_ID"), secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"))
+                               access_key=os.environ.get("AWS_ACCESS_KEY_ID"), secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+                               retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))  # see SDK_RETRIES
         return fs, uri[len("s3://"):]
     return pafs.FileSystem.from_uri(uri)
 
@@ -145,7 +152,7 @@ def _upload_dir_s3(local_dir: Path, uri: str, stop: Callable[[], bool]) -> None:
     slower than this on a 1.2 GB checkpoint (bench/checkpoint.py). Same credentials chain (AWS_*)."""
     bucket, _, prefix = uri[len("s3://"):].partition("/")
     client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
-                          config=Config(max_pool_connections=24))
+                          config=Config(max_pool_connections=24, retries=SDK_RETRIES))
     config = TransferConfig(max_concurrency=20)  # 8 MB parts (s3transfer default), 20 in flight
     found = [p for p in sorted(local_dir.rglob("*")) if p.is_file()]
 
