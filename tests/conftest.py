@@ -87,6 +87,22 @@ def ray_cluster(s3):
 
 
 @pytest.fixture(scope="session")
+def planted_run(s3):
+    """The run with planted secrets whose storage goes down at its final save (tests/planted.py),
+    shared by test_secrets and test_storage_faults."""
+    import shutil
+    import tempfile
+
+    import planted
+
+    work = Path(tempfile.mkdtemp(prefix="rsec-", dir="/tmp"))  # short: Ray's socket paths live under it
+    try:
+        yield planted.start(s3, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     from transformers import AutoTokenizer
 

@@ -1,7 +1,8 @@
-"""Planted secrets: a real local run (a subprocess, its own Ray session, S3 on moto's server) with
-secret values in the environment and on the command line, then every byte it left behind is
-searched for them: the run directory and its checkpoints in the bucket, the working directory
-(Hydra's outputs/), the workers' scratch folders, the Ray session's logs, an exported model."""
+"""Planted secrets: a real local run (tests/planted.py: a subprocess, its own Ray session, S3 on
+moto's server) with secret values in the environment and on the command line, then every byte it
+left behind is searched for them: the run directory and its checkpoints in the bucket, what it kept
+on the node while storage was down, the working directory (Hydra's outputs/), the workers' scratch
+folders, the Ray session's logs, an exported model."""
 
 from __future__ import annotations
 
@@ -9,17 +10,14 @@ import base64
 import gzip
 import io
 import os
-import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
-import time
 import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+
+import planted
 
 from raysft.config.secrets import SECRET_KEY, redact
 
@@ -143,81 +141,42 @@ def _hits(roots: dict[str, Path], planted: dict[str, str]) -> list[str]:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_no_planted_secret_is_written_anywhere():
-    import boto3
+def test_no_planted_secret_is_written_anywhere(planted_run, s3):
+    """The planted run (tests/planted.py: secrets in the environment and a hub token on the command
+    line; storage down at its final save, the kept model uploaded and the run exported afterwards)."""
+    run = planted_run
+    assert run.code == 4 and run.upload.returncode == 0, run.out[-3000:] + run.upload.stderr[-2000:]
+    assert run.export.returncode == 0, run.export.stdout[-3000:] + run.export.stderr[-3000:]
+    bucket_dir = run.work / "bucket"
+    objects = planted.keys(s3)
+    keys = [o["Key"] for o in objects]
+    # Empty objects (pyarrow's directory markers, whose keys are also prefixes) hold nothing.
+    for key in (o["Key"] for o in objects if o["Size"]):
+        dest = bucket_dir / key
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        s3.client.download_file(planted.BUCKET, key, str(dest))
 
-    work = Path(tempfile.mkdtemp(prefix="rsec-", dir="/tmp"))  # short: Ray's socket paths live under it
-    try:
-        cwd, tmp, bucket_dir, exported = work / "cwd", work / "t", work / "bucket", work / "exported"
-        for d in (cwd, tmp, bucket_dir):
-            d.mkdir()
-        planted = {name: f"{name.lower().replace('_', '')}{secrets.token_hex(12)}"
-                   for name in ("WANDB_API_KEY", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "hub_token")}
-        port = free_port()
-        moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "AWS_", "WANDB_", "HF_TOKEN"))}
-            env.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-                        "AWS_SECRET_ACCESS_KEY": planted["AWS_SECRET_ACCESS_KEY"], "AWS_DEFAULT_REGION": "us-east-1",
-                        "WANDB_API_KEY": planted["WANDB_API_KEY"], "HF_TOKEN": planted["HF_TOKEN"],
-                        "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
-                        # Ray's export events (jobs, actors, tasks, Train runs with their configs) are
-                        # written to the session's logs too, so they are searched as well.
-                        "RAY_enable_export_api_write": "1", "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
-                        # The run's Ray session (<RAY_TMPDIR>/ray/session_*) and the workers' scratch
-                        # folders (tempfile) land where the test searches.
-                        "RAY_TMPDIR": str(tmp), "TMPDIR": str(tmp),
-                        "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])})
-            client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="test",
-                                  aws_secret_access_key="test", region_name="us-east-1")
-            for _ in range(100):
-                try:
-                    client.create_bucket(Bucket="sec")
-                    break
-                except Exception:
-                    time.sleep(0.2)
-            started = time.perf_counter()
-            run = subprocess.run(
-                [sys.executable, "-m", "raysft", "storage.path=s3://sec/runs", "storage.name=planted",
-                 "trainer.max_steps=2", "trainer.save_strategy=steps", "trainer.save_steps=1", "trainer.eval_steps=null",
-                 "monitor.sample_prompts=[]", f"+trainer.trl_overrides.hub_token={planted['hub_token']}"],
-                cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-            print(f"run: {time.perf_counter() - started:.0f} s")
-            assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-            export = subprocess.run([sys.executable, "-m", "raysft", "export", "s3://sec/runs/planted", str(exported)],
-                                    cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-            assert export.returncode == 0, export.stdout[-3000:] + export.stderr[-3000:]
-
-            objects = [o for page in client.get_paginator("list_objects_v2").paginate(Bucket="sec")
-                       for o in page.get("Contents", [])]
-            keys = [o["Key"] for o in objects]
-            # Empty objects (pyarrow's directory markers, whose keys are also prefixes) hold nothing.
-            for key in (o["Key"] for o in objects if o["Size"]):
-                dest = bucket_dir / key
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                client.download_file("sec", key, str(dest))
-        finally:
-            moto.terminate()
-            moto.wait(timeout=10)
-
-        assert "runs/planted/model/model.safetensors" in keys
-        assert any("/checkpoint_" in k and k.endswith("training_args.bin") for k in keys)  # checkpoints are searched
-        logs = next(tmp.glob("ray/session_*/logs"))  # the Ray session is searched, its export events too
-        assert (logs / "runtime_env_agent.log").exists()
-        exported_events = {p.stem.removeprefix("event_") for p in logs.glob("export_events/*.log")}
-        assert {"EXPORT_TRAIN_STATE", "EXPORT_ACTOR", "EXPORT_DRIVER_JOB"} <= exported_events
-        # Ray Train's run state holds the train_loop_config (the config, redacted; Ray 2.60 cuts it at
-        # depth 3 too) and the run_config with the workers' runtime_env.
-        assert b'"train_loop_config"' in (logs / "export_events" / "event_EXPORT_TRAIN_STATE.log").read_bytes()
-        (cwd / "stdout.txt").write_text(run.stdout + run.stderr)  # what the user's terminal showed
-        hits = _hits({"bucket": bucket_dir, "cwd": cwd, "tmp (Ray session, worker scratch)": tmp, "exported": exported},
-                     planted)
-        # The one copy Ray keeps of a secret typed on the command line: the driver's command line
-        # (what `ps` shows), which Ray records as the job's entrypoint (README "Secrets").
-        entrypoint = [h for h in hits if h.startswith("hub_token in tmp") and h.endswith("/event_EXPORT_DRIVER_JOB.log")]
-        assert len(entrypoint) == 1 and f"+trainer.trl_overrides.hub_token={planted['hub_token']}".encode() in \
-            next(tmp.glob("ray/session_*/logs/export_events/event_EXPORT_DRIVER_JOB.log")).read_bytes()
-        assert [h for h in hits if h not in entrypoint] == [], "\n".join(hits)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    assert f"runs/{planted.NAME}/model/model.safetensors" in keys
+    # Checkpoints are searched: the one uploaded before the cut, and those kept on the node after it.
+    stored = [k for k in keys if "/checkpoint_" in k and k.endswith("training_args.bin")]
+    kept = list(run.unsaved.rglob("checkpoint_*/training_args.bin"))
+    assert stored or kept, (keys, sorted(run.unsaved.rglob("*")))
+    tmp = run.tmp
+    logs = next(tmp.glob("ray/session_*/logs"))  # the Ray session is searched, its export events too
+    assert (logs / "runtime_env_agent.log").exists()
+    exported_events = {p.stem.removeprefix("event_") for p in logs.glob("export_events/*.log")}
+    assert {"EXPORT_TRAIN_STATE", "EXPORT_ACTOR", "EXPORT_DRIVER_JOB"} <= exported_events
+    # Ray Train's run state holds the train_loop_config (the config, redacted; Ray 2.60 cuts it at
+    # depth 3 too) and the run_config with the workers' runtime_env.
+    assert b'"train_loop_config"' in (logs / "export_events" / "event_EXPORT_TRAIN_STATE.log").read_bytes()
+    (run.cwd / "stdout.txt").write_text(run.out + run.upload.stdout + run.upload.stderr + run.export.stdout +
+                                        run.export.stderr)  # what the user's terminal showed
+    hits = _hits({"bucket": bucket_dir, "cwd": run.cwd, "tmp (Ray session, worker scratch)": tmp,
+                  "unsaved (kept on the node)": run.unsaved, "exported": run.exported}, run.planted)
+    # The one copy Ray keeps of a secret typed on the command line: the driver's command line
+    # (what `ps` shows), which Ray records as the job's entrypoint (README "Secrets").
+    token = run.planted["hub_token"]
+    entrypoint = [h for h in hits if h.startswith("hub_token in tmp") and h.endswith("/event_EXPORT_DRIVER_JOB.log")]
+    assert len(entrypoint) == 1 and f"+trainer.trl_overrides.hub_token={token}".encode() in \
+        next(tmp.glob("ray/session_*/logs/export_events/event_EXPORT_DRIVER_JOB.log")).read_bytes()
+    assert [h for h in hits if h not in entrypoint] == [], "\n".join(hits)

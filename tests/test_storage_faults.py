@@ -7,14 +7,14 @@ import dataclasses
 import itertools
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, compose
+from conftest import compose
+
+import planted
 
 from raysft.storage import checkpoints as ckpts
 from raysft.storage import files, retry
@@ -203,42 +203,20 @@ def test_a_storage_outage_during_a_checkpoint_upload_does_not_end_the_run(ray_cl
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_storage_down_at_the_final_save_keeps_the_model_and_says_how_to_upload_it(ray_cluster, s3_up, tmp_path):
+def test_storage_down_at_the_final_save_keeps_the_model_and_says_how_to_upload_it(planted_run, s3):
+    """The planted run (tests/planted.py, shared with test_secrets): storage goes down once its last
+    step is logged, so the last checkpoint and the final save meet a dead storage."""
     from transformers import AutoModelForCausalLM
 
-    steps = 4
-    env = {**os.environ, "RAYSFT_UNSAVED_DIR": str(tmp_path / "unsaved"), "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
-    proc = subprocess.Popen([sys.executable, "-m", "raysft", f"storage.path=s3://{s3_up.bucket}/runs", "storage.name=final",
-                             f"trainer.max_steps={steps}", "trainer.eval_steps=null", "monitor.sample_prompts=[]",
-                             "data.dataset_mixture.test_split_size=0", "storage.retry_timeout_s=5"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out_lines: list[str] = []
-
-    def watch() -> None:
-        for line in proc.stdout:
-            out_lines.append(line)
-            if f"step {steps}/{steps}" in line:
-                s3_up.proxy.down()  # the last step is done: the final save meets a dead storage
-
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    try:
-        code = proc.wait(timeout=600)
-    finally:
-        s3_up.proxy.up()
-    t.join(10)
-    err = "".join(out_lines)
-    assert s3_up.proxy.refused > 0 or any(f"step {steps}/{steps}" in x for x in out_lines)
-    assert code == 4, (code, err[-3000:])
-    last = err.strip().splitlines()[-1]
-    kept = tmp_path / "unsaved" / "final" / "model"
+    run = planted_run
+    assert run.cut_after_step, run.out[-3000:]
+    assert run.code == 4, (run.code, run.out[-3000:])
+    last = run.out.strip().splitlines()[-1]
+    kept = run.unsaved / planted.NAME / "model"
     assert last.startswith("raysft: error: ") and str(kept) in last and "raysft upload" in last, last
-    assert "Traceback" not in err.strip().splitlines()[-1]
+    assert "Traceback" not in run.out
     model = AutoModelForCausalLM.from_pretrained(kept)
     assert model.num_parameters() > 0
     # ... and the command the line names puts it where the run would have.
-    dest = f"s3://{s3_up.bucket}/runs/final/model"
-    assert subprocess.run([sys.executable, "-m", "raysft", "upload", str(kept), dest], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120).returncode == 0
-    assert any(k.endswith("model.safetensors") for k in _keys(s3_up, "runs/final/model/"))
+    assert run.upload.returncode == 0, run.upload.stdout[-2000:] + run.upload.stderr[-2000:]
+    assert any(o["Key"].endswith("model.safetensors") for o in planted.keys(s3, f"runs/{planted.NAME}/model/"))

@@ -161,25 +161,34 @@ def _upload_dir_s3(local_dir: Path, uri: str, stop: Callable[[], bool]) -> None:
 
     with create_transfer_manager(client, config) as manager:
         for batch in ([p for p in found if not LAST.match(p.name)], [p for p in found if LAST.match(p.name)]):
-            futures = {p: manager.upload(str(p), bucket, key(p)) for p in batch}
-            for p, f in futures.items():
-                # A file whose transfer failed is sent again (alone) until the storage deadline.
-                retrying(f"upload {p.name} to {uri}", _sent(manager, f, p, bucket, key(p), stop))
+            if batch:
+                what = f"upload {batch[0].name} to {uri}" if len(batch) == 1 else f"upload {len(batch)} files to {uri}"
+                retrying(what, _all_sent(manager, batch, bucket, key, stop))
             # (leaving the manager's block on UploadStopped cancels the transfers still in flight)
 
 
-def _sent(manager, future, p: Path, bucket: str, key: str, stop: Callable[[], bool]):
-    """A callable that waits for the submitted transfer the first time, and sends the file again on
-    every later call (each retry); ``UploadStopped`` as soon as ``stop()``."""
-    tries = iter(range(1 << 30))
+def _all_sent(manager, batch: list[Path], bucket: str, key: Callable[[Path], str], stop: Callable[[], bool]):
+    """A callable that sends every file of ``batch`` in parallel and, on each later call (each retry),
+    sends again, together, only those whose transfer failed; it raises the first failure, and
+    ``UploadStopped`` as soon as ``stop()``. One retry loop for the batch: after an outage the failed
+    files go out in parallel again, not one by one, with one warning and one "storage is back"."""
+    pending = list(batch)
 
     def attempt() -> None:
-        f = future if next(tries) == 0 else manager.upload(str(p), bucket, key)
-        while not f.done():
+        futures = {p: manager.upload(str(p), bucket, key(p)) for p in pending}
+        while not all(f.done() for f in futures.values()):
             if stop():
-                raise UploadStopped(key)
+                raise UploadStopped(key(pending[0]))
             time.sleep(0.05)
-        f.result()
+        errors = []
+        for p, f in futures.items():
+            try:
+                f.result()
+                pending.remove(p)
+            except Exception as e:  # noqa: BLE001 - the retry loop classifies the first one
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
     return attempt
 
