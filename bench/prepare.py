@@ -1,6 +1,6 @@
 """Benchmark: prepare once (``raysft/data/prepared.py``) against tokenising on every pass.
 
-    python bench/prepare.py [--weight 3] [--max-length 4096] [--cpus 2]
+    python bench/prepare.py [--weight 9] [--max-length 4096] [--cpus 2] [--parts abcdef]
 
 One process, local Ray with ``--cpus`` logical CPUs, the smoltalk2-mini SFT splits with every source
 weight set to ``--weight`` (weight > 1 repeats a source: >= 10M tokens at the default), side by side:
@@ -68,6 +68,7 @@ def main() -> int:
     ap.add_argument("--weight", type=float, default=9.0)  # >= 10M packed tokens at --max-length 4096
     ap.add_argument("--max-length", type=int, default=4096)
     ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--parts", default="abcdef", help="which of (a)-(f) to run, e.g. 'ad' ((a) always runs: the others use it)")
     ap.add_argument("--rss-probe", action="store_true", help="only prepare once and print its peak RSS as JSON (for (e))")
     a = ap.parse_args()
 
@@ -104,74 +105,81 @@ def main() -> int:
     print(f"    second run, same config (reused={second.reused}): {m_second['wall']:.2f} s wall -> "
           f"{m_first['wall'] / max(m_second['wall'], 1e-9):,.0f}x faster")
 
-    # (b) 3-epoch run: before (stats pass + 3 tokenised epochs) vs after (prepare once)
-    def old_three_epochs() -> None:
-        collect_stats(spec, **data_kw(cfg))
-        for _ in range(3):  # the old stream tokenised and packed each epoch again
-            for _ in build_dataset(spec, "train", **data_kw(cfg)).iter_batches(batch_size=None, batch_format="numpy"):
-                pass
+    part = a.parts.__contains__
 
-    _, m_old = timed(old_three_epochs)
-    print(f"\n(b) tokenisation for a 3-epoch run: before {m_old['cpu']:.1f} CPU s ({m_old['wall']:.1f} s wall, "
-          f"4 passes); after {m_first['cpu']:.1f} CPU s (1 pass) -> {m_old['cpu'] / m_first['cpu']:.2f}x less CPU")
+    # (b) 3-epoch run: before (stats pass + 3 tokenised epochs) vs after (prepare once)
+    if part("b"):
+        def old_three_epochs() -> None:
+            collect_stats(spec, **data_kw(cfg))
+            for _ in range(3):  # the old stream tokenised and packed each epoch again
+                for _ in build_dataset(spec, "train", **data_kw(cfg)).iter_batches(batch_size=None, batch_format="numpy"):
+                    pass
+
+        _, m_old = timed(old_three_epochs)
+        print(f"\n(b) tokenisation for a 3-epoch run: before {m_old['cpu']:.1f} CPU s ({m_old['wall']:.1f} s wall, "
+              f"4 passes); after {m_first['cpu']:.1f} CPU s (1 pass) -> {m_old['cpu'] / m_first['cpu']:.2f}x less CPU")
 
     # (c) a 4-trial learning-rate sweep: each trial composes its own config and prepares
-    trials = []
-    root = f"{work}/sweep"
-    for lr in (1e-5, 3e-5, 1e-4, 3e-4):
-        tcfg = compose_cfg(a.max_length, weight=a.weight)
-        tcfg.trainer.learning_rate = lr
-        tspec = make_spec(tcfg)
-        p, m = timed(lambda: prepare_in(root, cfg, tspec))
-        trials.append((lr, p.reused, m["wall"]))
-    sets = len(list(Path(root, "prepared").iterdir()))
-    print(f"\n(c) 4-trial sweep over the learning rate: {sets} prepared set(s); data phase per trial: " +
-          ", ".join(f"lr {lr:g}: {'reused' if r else 'prepared'} {w:.1f} s" for lr, r, w in trials))
+    if part("c"):
+        trials = []
+        root = f"{work}/sweep"
+        for lr in (1e-5, 3e-5, 1e-4, 3e-4):
+            tcfg = compose_cfg(a.max_length, weight=a.weight)
+            tcfg.trainer.learning_rate = lr
+            tspec = make_spec(tcfg)
+            p, m = timed(lambda: prepare_in(root, cfg, tspec))
+            trials.append((lr, p.reused, m["wall"]))
+        sets = len(list(Path(root, "prepared").iterdir()))
+        print(f"\n(c) 4-trial sweep over the learning rate: {sets} prepared set(s); data phase per trial: " +
+              ", ".join(f"lr {lr:g}: {'reused' if r else 'prepared'} {w:.1f} s" for lr, r, w in trials))
 
     # (d) prepare tokens/s vs the TRL-style baseline, same cores
-    from datasets import Dataset
+    if part("d"):
+        from datasets import Dataset
 
-    trl = TRL(cfg)
-    ds = Dataset.from_list(selected_rows(spec))
-    base = trl.run(ds, a.max_length, a.cpus)
-    ours_tok_s = tokens / m_first["wall"]
-    print(f"\n(d) prepare, end to end: ours {ours_tok_s:,.0f} tokens/s ({m_first['wall']:.1f} s, shards written); "
-          f"TRL-style datasets.map(num_proc={a.cpus}) + pack {base['tok_s']:,.0f} tokens/s ({base['wall']:.1f} s, "
-          f"in memory) -> ratio {ours_tok_s / base['tok_s']:.2f}x (goal >= 1.5x)")
+        trl = TRL(cfg)
+        ds = Dataset.from_list(selected_rows(spec))
+        base = trl.run(ds, a.max_length, a.cpus)
+        ours_tok_s = tokens / m_first["wall"]
+        print(f"\n(d) prepare, end to end: ours {ours_tok_s:,.0f} tokens/s ({m_first['wall']:.1f} s, shards written); "
+              f"TRL-style datasets.map(num_proc={a.cpus}) + pack {base['tok_s']:,.0f} tokens/s ({base['wall']:.1f} s, "
+              f"in memory) -> ratio {ours_tok_s / base['tok_s']:.2f}x (goal >= 1.5x)")
 
     # (e) RSS with 5x the input, each in a fresh process
-    def probe(weight: float) -> dict:
-        out = subprocess.run([sys.executable, __file__, "--rss-probe", "--weight", str(weight), "--max-length",
-                              str(a.max_length), "--cpus", str(a.cpus)], capture_output=True, text=True, check=True).stdout
-        return json.loads(next(x for x in out.splitlines() if x.startswith("RSS "))[4:])
+    if part("e"):
+        def probe(weight: float) -> dict:
+            out = subprocess.run([sys.executable, __file__, "--rss-probe", "--weight", str(weight), "--max-length",
+                                  str(a.max_length), "--cpus", str(a.cpus)], capture_output=True, text=True, check=True).stdout
+            return json.loads(next(x for x in out.splitlines() if x.startswith("RSS "))[4:])
 
-    one, five = probe(a.weight), probe(a.weight * 5)
-    print(f"\n(e) peak RSS preparing 1x vs 5x the input ({one['tokens']:,} vs {five['tokens']:,} tokens), each in a fresh "
-          f"process: driver {one['driver'] / MB:,.0f} vs {five['driver'] / MB:,.0f} MB "
-          f"({five['driver'] / one['driver']:.2f}x), one data actor {one['single'] / MB:,.0f} vs "
-          f"{five['single'] / MB:,.0f} MB ({five['single'] / one['single']:.2f}x), actors together "
-          f"{one['workers'] / MB:,.0f} vs {five['workers'] / MB:,.0f} MB ({five['workers'] / one['workers']:.2f}x)")
+        one, five = probe(a.weight), probe(a.weight * 5)
+        print(f"\n(e) peak RSS preparing 1x vs 5x the input ({one['tokens']:,} vs {five['tokens']:,} tokens), each in a fresh "
+              f"process: driver {one['driver'] / MB:,.0f} vs {five['driver'] / MB:,.0f} MB "
+              f"({five['driver'] / one['driver']:.2f}x), one data actor {one['single'] / MB:,.0f} vs "
+              f"{five['single'] / MB:,.0f} MB ({five['single'] / one['single']:.2f}x), actors together "
+              f"{one['workers'] / MB:,.0f} vs {five['workers'] / MB:,.0f} MB ({five['workers'] / one['workers']:.2f}x)")
 
     # (f) data wait per micro-batch when a worker reads the set directly
-    from raysft.data.shards import RowStream
+    if part("f"):
+        from raysft.data.shards import RowStream
 
-    rows = first.rows()
-    sync = RowStream(rows, rank=0, world=2, batch=1, start=0, seed=42, timeout_s=60)
-    t0 = time.perf_counter()
-    for k in range(50):
-        sync.batch_at(k)
-    per_read = (time.perf_counter() - t0) / 50
-    waits = []
-    it = iter(RowStream(first.rows(), rank=1, world=2, batch=1, start=0, seed=42, timeout_s=60))
-    next(it)
-    for _ in range(20):
-        time.sleep(0.5)  # the step
+        rows = first.rows()
+        sync = RowStream(rows, rank=0, world=2, batch=1, start=0, seed=42, timeout_s=60)
         t0 = time.perf_counter()
+        for k in range(50):
+            sync.batch_at(k)
+        per_read = (time.perf_counter() - t0) / 50
+        waits = []
+        it = iter(RowStream(first.rows(), rank=1, world=2, batch=1, start=0, seed=42, timeout_s=60))
         next(it)
-        waits.append(time.perf_counter() - t0)
-    print(f"\n(f) a worker reading its micro-batch straight from the set (local disk): {per_read * 1e3:.1f} ms per "
-          f"synchronous read; with read-ahead behind a 0.5 s step it waits {np.mean(waits) * 1e3:.2f} ms "
-          f"(max {max(waits) * 1e3:.2f} ms) per micro-batch")
+        for _ in range(20):
+            time.sleep(0.5)  # the step
+            t0 = time.perf_counter()
+            next(it)
+            waits.append(time.perf_counter() - t0)
+        print(f"\n(f) a worker reading its micro-batch straight from the set (local disk): {per_read * 1e3:.1f} ms per "
+              f"synchronous read; with read-ahead behind a 0.5 s step it waits {np.mean(waits) * 1e3:.2f} ms "
+              f"(max {max(waits) * 1e3:.2f} ms) per micro-batch")
     shutil.rmtree(work, ignore_errors=True)
     ray.shutdown()
     return 0

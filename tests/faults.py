@@ -10,9 +10,17 @@ import time
 
 
 def _reset(sock: socket.socket) -> None:
-    """Close with RST (SO_LINGER 0): the peer sees 'connection reset', as when a network path drops."""
+    """Close with RST (SO_LINGER 0): the peer sees 'connection reset', as when a network path drops.
+
+    NOTE: shutdown(SHUT_RD) first wakes the pump thread blocked in recv() on this socket; a plain
+    close() from another thread leaves that recv holding the socket open (Linux), no RST is sent,
+    and the client waits out its read timeout (botocore: 60 s) instead of seeing the cut."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass
+    try:
         sock.close()
     except OSError:
         pass

@@ -67,6 +67,28 @@ def test_past_the_deadline_it_fails_with_one_clear_error(s3_up):
         retry.configure(600)
 
 
+def test_ray_trains_storage_keeps_the_runs_deadline_in_another_process(s3_up):
+    """The filesystem handed to Ray Train (its controller runs none of raysft's set-up) carries the
+    run's storage.retry_timeout_s, not the 600 s default of the process that unpickles it."""
+    import pickle
+
+    from raysft.storage.rundir import Storage
+
+    retry.configure(2)
+    _, fs = Storage.at(f"s3://{s3_up.bucket}/runs").run("deadline").ray_storage()
+    retry.configure(600)  # what a fresh process has
+    fs = pickle.loads(pickle.dumps(fs))
+    s3_up.proxy.down()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(retry.StorageUnavailableError, match="storage unreachable for 2 s"):
+            with fs.open_output_stream(f"{s3_up.bucket}/runs/deadline/state.json") as f:
+                f.write(b"{}")
+    finally:
+        s3_up.proxy.up()
+    assert time.monotonic() - t0 < 30
+
+
 def _checkpoint_folder(root: Path, count: int, size: int) -> Path:
     ckpt = root / "checkpoint-5"
     ckpt.mkdir(parents=True)
@@ -74,6 +96,27 @@ def _checkpoint_folder(root: Path, count: int, size: int) -> Path:
         (ckpt / f"shard-{i:02d}.bin").write_bytes(os.urandom(size))
     ckpts.write_manifest(ckpt, 0, 1, {"global_step": 5})
     return ckpt
+
+
+def test_a_checkpoint_upload_cut_midway_sends_its_failed_files_again_together(s3_up, tmp_path, caplog):
+    """Storage cut while a 40-file checkpoint is in flight: once it is back the failed files go out
+    again together (one retry loop for the folder: one warning, one "back"), and the checkpoint lands
+    complete, its manifest last."""
+    ckpt = _checkpoint_folder(tmp_path, count=40, size=16 << 10)
+    retry.configure(60)
+    s3_up.proxy.slow(256 << 10)  # ~2.5 s for all of it: the cut (at 1 s, for 2 s) finds transfers in flight
+    threading.Timer(1.0, s3_up.proxy.outage, args=(2.0,)).start()
+    uri = f"s3://{s3_up.bucket}/resent/checkpoint-5"
+    with caplog.at_level("WARNING", logger="raysft"):
+        files.upload_dir(ckpt, uri)
+    s3_up.proxy.slow(None)
+    assert s3_up.proxy.refused > 0 or any("unreachable" in r.message for r in caplog.records)
+    unreachable = [r.message for r in caplog.records if "storage unreachable" in r.message]
+    back = [r.message for r in caplog.records if "storage is back" in r.message]
+    assert len(unreachable) == 1 and "upload 40 files to" in unreachable[0], unreachable
+    assert len(back) == 1, back
+    assert ckpts.inspect(uri).complete
+    assert len(_keys(s3_up, "resent/")) == len(list(ckpt.iterdir()))  # the shards, the state, the manifest
 
 
 def test_an_upload_told_to_stop_stops_mid_transfer_and_is_never_complete(s3_up, tmp_path):

@@ -82,7 +82,8 @@ def is_transient(e: BaseException) -> bool:
 def retrying(what: str, fn: Callable[[], T], *, timeout_s: float | None = None) -> T:
     """``fn()``, retried on transient storage errors until it succeeds or ``timeout_s`` (default: the
     configured deadline) has passed; then ``StorageUnavailableError`` naming ``what``."""
-    deadline = time.monotonic() + (_policy.timeout_s if timeout_s is None else timeout_s)
+    limit_s = _policy.timeout_s if timeout_s is None else timeout_s
+    deadline = time.monotonic() + limit_s
     backoff, attempt, first_error = _policy.first_backoff_s, 0, None
     while True:
         try:
@@ -100,7 +101,7 @@ def retrying(what: str, fn: Callable[[], T], *, timeout_s: float | None = None) 
                             what, _short(e), max(0.0, deadline - time.monotonic()))
             left = deadline - time.monotonic()
             if left <= 0:
-                raise StorageUnavailableError(f"{what}: storage unreachable for {_policy.timeout_s:.0f} s "
+                raise StorageUnavailableError(f"{what}: storage unreachable for {limit_s:.0f} s "
                                               f"({_short(e)})") from e
             time.sleep(min(left, backoff * random.uniform(0.5, 1.0)))  # full jitter, capped exponential
             backoff = min(backoff * 2, _policy.max_backoff_s)
@@ -117,10 +118,13 @@ def _short(e: BaseException) -> str:
 class RetryingHandler(pafs.FileSystemHandler):
     """A pyarrow filesystem that retries every call of the one it wraps (Ray Train's own storage
     calls: its experiment state, checkpoint registry and deletions). Small writes are buffered and
-    sent whole on close, so a write cut midway is retried as a whole."""
+    sent whole on close, so a write cut midway is retried as a whole.
 
-    def __init__(self, inner: pafs.FileSystem):
-        self.inner = inner
+    It carries its deadline (``storage.retry_timeout_s`` where it was made): Ray Train's controller
+    runs none of raysft's set-up, and its default would hold a run ~600 s on a storage that is down."""
+
+    def __init__(self, inner: pafs.FileSystem, timeout_s: float):
+        self.inner, self.timeout_s = inner, timeout_s
 
     def __eq__(self, other: Any) -> bool:
         return isinstance(other, RetryingHandler) and self.inner.equals(other.inner)
@@ -135,7 +139,7 @@ class RetryingHandler(pafs.FileSystemHandler):
         return self.inner.normalize_path(path)
 
     def _r(self, what: str, fn: Callable[[], T]) -> T:
-        return retrying(what, fn)
+        return retrying(what, fn, timeout_s=self.timeout_s)
 
     def get_file_info(self, paths):
         return self._r(f"stat {paths[:1]}", lambda: self.inner.get_file_info(paths))
@@ -171,7 +175,7 @@ class RetryingHandler(pafs.FileSystemHandler):
         return pa.BufferReader(self._r(f"read {path}", lambda: _read_all(self.inner, path)))
 
     def open_output_stream(self, path, metadata):
-        return pa.PythonFile(_UploadOnClose(self.inner, path, metadata), mode="w")
+        return pa.PythonFile(_UploadOnClose(self.inner, path, metadata, self.timeout_s), mode="w")
 
     def open_append_stream(self, path, metadata):
         raise NotImplementedError("append is not used by Ray Train")
@@ -183,8 +187,8 @@ def _read_all(fs: pafs.FileSystem, path: str) -> bytes:
 
 
 class _UploadOnClose(io.RawIOBase):
-    def __init__(self, fs: pafs.FileSystem, path: str, metadata):
-        self.fs, self.path, self.metadata, self.buf = fs, path, metadata, io.BytesIO()
+    def __init__(self, fs: pafs.FileSystem, path: str, metadata, timeout_s: float):
+        self.fs, self.path, self.metadata, self.timeout_s, self.buf = fs, path, metadata, timeout_s, io.BytesIO()
 
     def writable(self) -> bool:
         return True
@@ -200,9 +204,10 @@ class _UploadOnClose(io.RawIOBase):
                 with self.fs.open_output_stream(self.path, metadata=self.metadata) as f:
                     f.write(data)
 
-            retrying(f"write {self.path}", put)
+            retrying(f"write {self.path}", put, timeout_s=self.timeout_s)
         super().close()
 
 
 def retrying_filesystem(fs: pafs.FileSystem) -> pafs.FileSystem:
-    return pafs.PyFileSystem(RetryingHandler(fs))
+    """``fs`` with every call retried until this process's storage deadline (``configure``)."""
+    return pafs.PyFileSystem(RetryingHandler(fs, _policy.timeout_s))
