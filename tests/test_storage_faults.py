@@ -69,13 +69,17 @@ def test_past_the_deadline_it_fails_with_one_clear_error(s3_up):
 
 def test_ray_trains_storage_keeps_the_runs_deadline_in_another_process(s3_up):
     """The filesystem handed to Ray Train (its controller runs none of raysft's set-up) carries the
-    run's storage.retry_timeout_s, not the 600 s default of the process that unpickles it."""
+    run's deadline for Ray's own writes (storage.retry_timeout_s x storage.max_failed_checkpoints: such
+    a write ends the run, so it waits as long as the run rides out an outage), not the 600 s default
+    of the process that unpickles it."""
     import pickle
 
+    from raysft.config import derived
     from raysft.storage.rundir import Storage
 
-    retry.configure(2)
-    _, fs = Storage.at(f"s3://{s3_up.bucket}/runs").run("deadline").ray_storage()
+    cfg = compose("storage.retry_timeout_s=1", "storage.max_failed_checkpoints=2")
+    assert derived.ray_state_retry_s(cfg) == 2
+    _, fs = Storage.at(f"s3://{s3_up.bucket}/runs").run("deadline").ray_storage(derived.ray_state_retry_s(cfg))
     retry.configure(600)  # what a fresh process has
     fs = pickle.loads(pickle.dumps(fs))
     s3_up.proxy.down()

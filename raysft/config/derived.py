@@ -37,6 +37,8 @@ class Derived:
     """Steps between checkpoints (0: none)."""
     local_ray_cpus: int
     """Logical CPUs of an in-process local Ray (ignored on a cluster)."""
+    ray_state_retry_s: float
+    """How long Ray Train's own storage writes (its checkpoint registry) are retried (``ray_state_retry_s``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,7 +118,15 @@ def derive(cfg: RaySFTConfig, *, run_name: str | None, date: str, train_packed_r
     max_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else steps_for(train_packed_rows, cfg)
     return Derived(run_name=run_name or default_run_name(cfg), template_date=date,
                    packing_strategy=packing_strategy(cfg.data), global_batch_rows=global_batch_rows(cfg),
-                   max_steps=max_steps, save_steps=save_steps_for(cfg, max_steps), local_ray_cpus=local_ray_cpus(cfg))
+                   max_steps=max_steps, save_steps=save_steps_for(cfg, max_steps), local_ray_cpus=local_ray_cpus(cfg),
+                   ray_state_retry_s=ray_state_retry_s(cfg))
+
+
+def ray_state_retry_s(cfg: RaySFTConfig) -> float:
+    """A failed write of Ray Train's own state ends the run, so it rides out as long an outage as the run
+    does: a checkpoint upload abandoned after ``storage.retry_timeout_s``, for each of
+    ``storage.max_failed_checkpoints`` in a row (then the run stops anyway)."""
+    return cfg.storage.retry_timeout_s * cfg.storage.max_failed_checkpoints
 
 
 def data_resources(cfg_scaling) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from raysft.run import console, restarts
 from raysft.run.ray_init import init_ray, ray_logging
 from raysft.run import preflight
 from raysft.run import summary as summaries
-from raysft.run.failures import RunFailedError, explain, write_traceback
+from raysft.run.failures import RunFailedError, explain, with_kept_model, write_traceback
 from raysft.storage import checkpoints as ckpts
 from raysft.storage import files, retry
 from raysft.storage.retry import unsaved_dir
@@ -134,7 +134,7 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
                       save_steps=d.save_steps, init_checkpoint=init_checkpoint, report_metrics=bool(callbacks),
                       live_progress=console.live_progress_wanted(cfg.monitor.verbose))
     rundir.forget_ray_registry()
-    storage_path, storage_fs = rundir.ray_storage()
+    storage_path, storage_fs = rundir.ray_storage(d.ray_state_retry_s)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop.to_dict(),
@@ -144,12 +144,13 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
                              worker_runtime_env={"env_vars": worker_env(cfg)}, callbacks=callbacks,
                              checkpoint_config=checkpoint_config(cfg), logging_config=ray_logging(cfg, train=True)),
     )
-    started = time.perf_counter()
+    started, started_unix = time.perf_counter(), time.time()
     try:
         result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - turned into one line; the traceback goes to a file
         console.progress.close()
-        failure = explain(e, save_traceback(e, rundir))
+        failure = with_kept_model(explain(e, save_traceback(e, rundir)), os.path.join(unsaved_dir(name), RunDir.MODEL),
+                                  rundir.file(RunDir.MODEL), started_unix)
         upload_console_log(rundir, driver_log)
         raise RunFailedError(failure) from e
     console.progress.close()

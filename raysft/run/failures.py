@@ -118,6 +118,19 @@ def explain(e: BaseException, log_file: str | None) -> Failure:
                                 f"fix the cause and rerun the same command to resume{logs}")
 
 
+def with_kept_model(failure: Failure, kept: str, dest: str, since_unix_s: float) -> Failure:
+    """A storage failure names the trained model a worker kept on this node, when it did during this run.
+
+    The worker's own line says so, but when Ray Train's controller is the one whose storage write
+    failed last (its checkpoint registry, retried as long as the run rides out an outage) its error
+    is what the run ends with; the model is kept either way (``train/finish.py``)."""
+    if failure.code != EXIT_STORAGE or "raysft upload" in failure.line or not os.path.isdir(kept) \
+            or os.path.getmtime(kept) < since_unix_s:
+        return failure
+    return Failure(failure.code, f"{failure.line}; the trained model is kept at {kept}. Upload it when storage is "
+                                 f"back: raysft upload {kept} {dest}")
+
+
 def _is_oom(e: BaseException) -> bool:
     return type(e).__name__ in ("OutOfMemoryError", "OutOfMemoryError_", "MemoryError") or "out of memory" in str(e).lower()
 

@@ -120,8 +120,8 @@ class RetryingHandler(pafs.FileSystemHandler):
     calls: its experiment state, checkpoint registry and deletions). Small writes are buffered and
     sent whole on close, so a write cut midway is retried as a whole.
 
-    It carries its deadline (``storage.retry_timeout_s`` where it was made): Ray Train's controller
-    runs none of raysft's set-up, and its default would hold a run ~600 s on a storage that is down."""
+    It carries its deadline (``derived.ray_state_retry_s``): Ray Train's controller runs none of
+    raysft's set-up, and the default there would hold a run 600 s on a storage that is down."""
 
     def __init__(self, inner: pafs.FileSystem, timeout_s: float):
         self.inner, self.timeout_s = inner, timeout_s
@@ -208,6 +208,6 @@ class _UploadOnClose(io.RawIOBase):
         super().close()
 
 
-def retrying_filesystem(fs: pafs.FileSystem) -> pafs.FileSystem:
-    """``fs`` with every call retried until this process's storage deadline (``configure``)."""
-    return pafs.PyFileSystem(RetryingHandler(fs, _policy.timeout_s))
+def retrying_filesystem(fs: pafs.FileSystem, timeout_s: float) -> pafs.FileSystem:
+    """``fs`` with every call retried for up to ``timeout_s``, in whichever process it is unpickled."""
+    return pafs.PyFileSystem(RetryingHandler(fs, timeout_s))

@@ -85,13 +85,13 @@ class RunDir(_NamedDir):
     def has(self, name: str) -> bool:
         return files.exists(self.file(name))
 
-    def ray_storage(self) -> tuple[str, pafs.FileSystem | None]:
+    def ray_storage(self, retry_s: float) -> tuple[str, pafs.FileSystem | None]:
         """``(storage_path, storage_filesystem)`` for Ray Train's RunConfig: Ray stores through the
         same pyarrow filesystem as our own files (S3 endpoint included), wrapped so that Ray's own
-        calls ride out an outage too."""
+        calls ride out an outage too, for up to ``retry_s``."""
         if files.is_remote(self.root):
             fs, path = files.filesystem(self.root)
-            return path, retrying_filesystem(fs)
+            return path, retrying_filesystem(fs, retry_s)
         return self.root, None
 
     # ------------------------------------------------------------------ checkpoints
