@@ -63,7 +63,7 @@ def start(s3, work: Path) -> PlantedRun:
     proc = subprocess.Popen(
         [sys.executable, "-m", "raysft", f"storage.path={STORAGE}", f"storage.name={NAME}", f"trainer.max_steps={STEPS}",
          "trainer.save_strategy=steps", "trainer.save_steps=1", "trainer.eval_steps=null", "monitor.sample_prompts=[]",
-         "storage.retry_timeout_s=5", f"+trainer.trl_overrides.hub_token={planted['hub_token']}"],
+         "storage.retry_timeout_s=3", f"+trainer.trl_overrides.hub_token={planted['hub_token']}"],
         cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     cut: list[bool] = []
