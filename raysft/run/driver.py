@@ -149,8 +149,8 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
         result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - turned into one line; the traceback goes to a file
         console.progress.close()
-        failure = with_kept_model(explain(e, save_traceback(e, rundir)), os.path.join(unsaved_dir(name), RunDir.MODEL),
-                                  rundir.file(RunDir.MODEL), started_unix)
+        failure = with_kept_model(explain(e, save_traceback(e, rundir)), rundir.kept_model(), rundir.file(RunDir.MODEL),
+                                  started_unix)
         upload_console_log(rundir, driver_log)
         raise RunFailedError(failure) from e
     console.progress.close()

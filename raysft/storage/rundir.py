@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 
 from raysft.storage import checkpoints as ckpts
 from raysft.storage import files
-from raysft.storage.retry import retrying_filesystem
+from raysft.storage.retry import retrying_filesystem, unsaved_dir
 
 
 def absolute(uri: str) -> str:
@@ -84,6 +84,10 @@ class RunDir(_NamedDir):
 
     def has(self, name: str) -> bool:
         return files.exists(self.file(name))
+
+    def kept_model(self) -> str:
+        """Where a node keeps the trained model when storage is down at the final save (a local path)."""
+        return os.path.join(unsaved_dir(self.name), self.MODEL)
 
     def ray_storage(self, retry_s: float) -> tuple[str, pafs.FileSystem | None]:
         """``(storage_path, storage_filesystem)`` for Ray Train's RunConfig: Ray stores through the

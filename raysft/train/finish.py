@@ -4,14 +4,13 @@ uploads that must not lose the model (and those that may be lost with a warning)
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import socket
 
 from transformers import TrainerCallback
 
 from raysft.storage import files
-from raysft.storage.retry import StorageUnavailableError, unsaved_dir
+from raysft.storage.retry import StorageUnavailableError
 from raysft.storage.rundir import RunDir
 
 log = logging.getLogger("raysft")
@@ -54,7 +53,7 @@ def upload_final_model(model_dir: str, rundir: RunDir) -> None:
     try:
         files.upload_dir(model_dir, dest)
     except StorageUnavailableError as e:
-        kept = os.path.join(unsaved_dir(rundir.name), RunDir.MODEL)
+        kept = rundir.kept_model()
         shutil.rmtree(kept, ignore_errors=True)
         shutil.move(model_dir, kept)
         raise StorageUnavailableError(f"the trained model could not be uploaded to {dest} ({e}); it is kept at "
