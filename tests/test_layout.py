@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import os
+import re
 import tomllib
 import typing
 from pathlib import Path
@@ -118,6 +119,34 @@ def test_pyproject_ships_every_package_and_the_conf_tree():
     assert set(meta["packages"]) == on_disk | {"raysft.conf"}
     assert meta["package-dir"] == {"raysft.conf": "conf"}
     assert (ROOT / "conf" / "__init__.py").exists()
+
+
+def _readme_module_map() -> set[str]:
+    """Module paths the README's architecture map names (``config/data.py``, ``cli.py``, ...)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Architecture"):]
+    block = section[section.index("```\nraysft/\n") + 4:]
+    block = block[:block.index("```")]
+    named, package = set(), ""
+    for line in block.splitlines()[1:]:
+        depth = (len(line) - len(line.lstrip())) // 2
+        head = re.split(r"\s{2,}", line.strip())[0]  # the names, before the description's column
+        if depth == 0:
+            break  # conf/, tests/, bench/: outside the package
+        if depth > 2:
+            continue  # a description's second line
+        if depth == 1:
+            package = head if head.endswith("/") else ""
+        named |= {(package if depth == 2 else "") + n.strip() for n in head.split(",") if n.strip().endswith(".py")}
+    return named
+
+
+def test_the_readme_module_map_names_every_module():
+    """The architecture section is where a newcomer starts: one line per module, none stale."""
+    on_disk = {str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    named = _readme_module_map()
+    assert not on_disk - named, f"README's architecture map lacks {sorted(on_disk - named)}"
+    assert not named - on_disk, f"README's architecture map names modules that do not exist: {sorted(named - on_disk)}"
 
 
 # ----------------------------------------------------------------------------- the config surface

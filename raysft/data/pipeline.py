@@ -2,7 +2,7 @@
 
     sources.resolve_files ─► mixture.plan_mixture ─► units.UnitPlan
         ─► ray.data.from_items(units) ─► map_batches(PrepareUnit): read ► validate ► render+mask ► pack
-        ─► Ray Train: get_dataset_shard("train") on every worker (streaming_split)
+        ─► one parquet shard per unit (``mode="write"``, driven by ``prepared.prepare``), read by the workers
 
 Everything heavy runs inside ``PrepareUnit``, one unit (a bounded window of rows) per call, so
 Ray Data streams units through a pool of actors with bounded memory, and the packed rows depend
