@@ -160,16 +160,23 @@ class GrownRun:
     first_worker: dict  # workers/rank_0.json as the 1-worker attempt wrote it
 
 
-GROWN_STEPS = (2, 4)  # the 1-worker attempt stops at step 2, the 2-worker one continues to step 4
+# The grown run's data: 8 packed train rows (4 rows a step: 1 epoch = 2 steps) and 2 eval rows, from
+# both sources of the sample.
+GROWN_DATA = ["data.dataset_mixture.datasets.0.weight=0.004", "data.dataset_mixture.datasets.1.weight=0.008",
+              "data.dataset_mixture.test_split_size=2"]
+GROWN_ROWS = 8
+GROWN_STEPS = (2, 4)  # the 1-worker attempt trains epoch 1 (steps 1-2), the 2-worker one epoch 2 (3-4)
 
 
 @pytest.fixture(scope="session")
 def grown_run(ray_cluster, tmp_path_factory):
-    """One run, resumed on more workers, reporting to its trackers; shared by test_resume (the global
-    data order continues across the resize) and test_trackers (trackio and TensorBoard continue the
-    same run). Attempt 1: 1 worker (accumulation 4) to step 2; attempt 2, the same storage.name: 2
-    workers (accumulation 2, the same 4 rows per step) to step 4. Checkpoints, evaluations and sample
-    generations every 2 steps; every micro-batch hashed."""
+    """One run, resumed on more workers at an epoch boundary, reporting to its trackers; shared by
+    test_resume (the global data order continues across the resize, epoch 2 is trained, not skipped:
+    verl #7401) and test_trackers (trackio and TensorBoard continue the same run). Attempt 1: 1 worker
+    (accumulation 4), `num_train_epochs=1`: steps 1-2; attempt 2, the same storage.name: 2 workers
+    (accumulation 2, the same 4 rows per step), `num_train_epochs=2`: steps 3-4 from the epoch-1
+    checkpoint. Checkpoints every epoch, evaluations and sample generations every 2 steps; every
+    micro-batch hashed."""
     import importlib.util
     import shutil
 
@@ -177,14 +184,16 @@ def grown_run(ray_cluster, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("grown")
     report = ["trackio", "tensorboard"] + (["wandb"] if importlib.util.find_spec("wandb") else [])
-    common = [f"storage.path={root}", "storage.name=grow", "trainer.save_strategy=steps", "trainer.save_steps=2",
+    common = [f"storage.path={root}", "storage.name=grow", *GROWN_DATA, "trainer.save_strategy=epoch",
               "trainer.eval_steps=2", "monitor.sample_every_steps=2", "monitor.log_batch_hashes=true",
               f"trainer.report_to=[{','.join(report)}]"]
     first = driver.run(compose(*common, "scaling.num_workers=1", "trainer.gradient_accumulation_steps=4",
-                               f"trainer.max_steps={GROWN_STEPS[0]}"))
+                               "trainer.num_train_epochs=1"))
+    assert (first.stats.train_packed_rows, first.max_steps) == (GROWN_ROWS, GROWN_STEPS[0])
     run_dir = Path(first.run_uri)
     shutil.copytree(run_dir / "trackers", root / "after_first" / "trackers")
     first_worker = json.loads((run_dir / "workers" / "rank_0.json").read_text())
-    driver.run(compose(*common, "scaling.num_workers=2", "trainer.gradient_accumulation_steps=2",
-                       f"trainer.max_steps={GROWN_STEPS[1]}"))
+    second = driver.run(compose(*common, "scaling.num_workers=2", "trainer.gradient_accumulation_steps=2",
+                                "trainer.num_train_epochs=2"))
+    assert second.max_steps == GROWN_STEPS[1]
     return GrownRun(root, run_dir, root / "after_first", next(iter(first.stats.sources)), common, first_worker)

@@ -1,12 +1,40 @@
 """Real faults for the tests: a TCP proxy that cuts every connection to a server, or narrows the link
-to a few kilobytes per second, as toxiproxy does."""
+to a few kilobytes per second, as toxiproxy does; SIGKILLs of a run's actors from outside."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
 import struct
 import threading
 import time
+from pathlib import Path
+
+# Ray Train's own actors (ray/train/v2/_internal): its controller, workers, report barrier, state
+# store and cleaners. Any other actor (a data actor, Ray Data's stats or split coordinator) is not
+# needed by a run once training starts.
+RAY_TRAIN_ACTORS = {"TrainController", "RayTrainWorker", "SynchronizationActor", "TrainStateActor",
+                    "PlacementGroupCleaner", "PreemptionWatcher"}
+
+
+def kill_other_actors_after(run_dir: Path, step: int, killed: list, stop: threading.Event) -> None:
+    """Once ``step`` is in the run's metrics.jsonl, SIGKILL every live actor that is not Ray Train's
+    own: whatever else the run created is gone mid-run. Appends each class killed to ``killed``,
+    then ``"<checked>"`` (there may have been nothing else to kill)."""
+    from ray.util.state import list_actors
+
+    metrics = run_dir / "metrics.jsonl"
+    while not stop.is_set():
+        if metrics.exists() and any(json.loads(x).get("global_step", 0) >= step for x in metrics.read_text().splitlines()):
+            for a in list_actors(filters=[("state", "=", "ALIVE")]):
+                if a.class_name not in RAY_TRAIN_ACTORS and a.pid:
+                    os.kill(a.pid, signal.SIGKILL)
+                    killed.append(a.class_name)
+            killed.append("<checked>")
+            return
+        time.sleep(0.2)
 
 
 def _reset(sock: socket.socket) -> None:

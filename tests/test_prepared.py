@@ -1,6 +1,8 @@
 """Prepare once (raysft/data/prepared.py, raysft/data/shards.py): the prepared set's format, its
-fingerprint, reuse and invalidation, a prepare killed midway, and training that reads the set
-directly (every epoch a permutation of the packed rows; no actor but the workers needed)."""
+fingerprint, reuse and invalidation, and a prepare killed midway. Training that reads the set
+directly is checked where runs are shared: every epoch a permutation of the packed rows, resumed at
+an epoch boundary (test_resume, conftest.grown_run), and no actor but Ray Train's needed once
+training starts (test_resume's SIGKILL run)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,6 @@ from raysft.data import shards
 from raysft.data.pipeline import PrepareUnit, build_spec
 from raysft.data.prepared import fingerprint, fingerprint_inputs, open_prepared, prepare
 from raysft.storage.rundir import Storage
-from raysft.train.batches import row_digests
 
 TOKENIZER = assets.resolve("bundled:smollm3")
 SAMPLE = Path(assets.resolve("bundled:data/smoltalk2-sample"))
@@ -180,94 +179,3 @@ def test_a_killed_prepare_is_never_used_and_the_next_one_resumes_it(ray_cluster,
     # The next prepare of the same config reuses the set without running the pipeline.
     again = prepare(spec, Storage.at(str(killed_root)), **derived.data_resources(cfg.scaling))
     assert again.reused and again.uri == resumed.uri
-
-
-# Ray Train's own actors (ray/train/v2/_internal): its controller, workers, report barrier, state
-# store and cleaners. Any other actor (a data actor, Ray Data's stats or split coordinator) is not
-# needed by a run once training starts.
-RAY_TRAIN_ACTORS = {"TrainController", "RayTrainWorker", "SynchronizationActor", "TrainStateActor",
-                    "PlacementGroupCleaner", "PreemptionWatcher"}
-
-
-def _non_worker_actors_killer(run_dir: Path, step: int, killed: list, stop: threading.Event) -> None:
-    """Once ``step`` is logged, SIGKILL every live actor that is not Ray Train's own: whatever else
-    the run created (data actors, ...) is gone mid-run."""
-    from ray.util.state import list_actors
-
-    metrics = run_dir / "metrics.jsonl"
-    while not stop.is_set():
-        if metrics.exists() and any(json.loads(x).get("global_step", 0) >= step for x in metrics.read_text().splitlines()):
-            for a in list_actors(filters=[("state", "=", "ALIVE")]):
-                if a.class_name not in RAY_TRAIN_ACTORS and a.pid:
-                    os.kill(a.pid, signal.SIGKILL)
-                    killed.append(a.class_name)
-            killed.append("<checked>")  # the sweep ran mid-run (there may have been nothing else to kill)
-            return
-        time.sleep(0.2)
-
-
-def _kill_after_epoch_checkpoint(run_dir: Path, step: int, killed: list, stop: threading.Event) -> None:
-    """SIGKILL a training worker right after the epoch-boundary checkpoint (step ``step``) is complete."""
-    from ray.util.state import list_actors
-
-    from raysft.storage import checkpoints as ckpts
-
-    while not stop.is_set():
-        if any(c.complete and c.step == step for c in ckpts.scan(str(run_dir))):
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-            if workers:
-                os.kill(sorted(w.pid for w in workers)[-1], signal.SIGKILL)
-                killed.append("worker")
-                return
-        time.sleep(0.1)
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_two_epochs_train_permutations_of_the_packed_rows_with_only_the_workers(ray_cluster, tmp_path):
-    """Two epochs with a checkpoint at the epoch boundary; a worker is SIGKILLed right after it, and
-    every actor that is not Ray Train's own is SIGKILLed mid-run. Epoch 2 is not skipped (verl #7401):
-    it trains every packed row once, in a new order, and the whole run follows the global order."""
-    from raysft.run import driver
-
-    run_dir = tmp_path / "epochs"
-    overrides = [f"storage.path={tmp_path}", "storage.name=epochs", "data.dataset_mixture.datasets.0.weight=0.004",
-                 "data.dataset_mixture.datasets.1.weight=0.01", "data.dataset_mixture.test_split_size=0",
-                 "trainer.num_train_epochs=2", "monitor.log_batch_hashes=true", "monitor.sample_prompts=[]",
-                 "trainer.eval_steps=null", "trainer.save_strategy=epoch", "scaling.max_failures=1"]
-    cfg = compose(*overrides)
-    spec = build_spec(cfg.data, TOKENIZER)
-    n = prepare(spec, Storage.at(str(tmp_path)), **derived.data_resources(cfg.scaling)).rows().num_rows("train")
-    per_epoch = derived.steps_for(n, cfg, epochs=1)
-    killed: list[str] = []
-    stop = threading.Event()
-    threads = [threading.Thread(target=_non_worker_actors_killer, args=(run_dir, 1, killed, stop), daemon=True),
-               threading.Thread(target=_kill_after_epoch_checkpoint, args=(run_dir, per_epoch, killed, stop), daemon=True)]
-    for t in threads:
-        t.start()
-    try:
-        result = driver.run(cfg)
-    finally:
-        stop.set()
-    assert "<checked>" in killed and "worker" in killed, killed
-    prepared = open_prepared(str(next((tmp_path / "prepared").iterdir())))
-    steps = result.max_steps
-    assert steps == 2 * per_epoch
-    summary = json.loads((run_dir / "train_summary.json").read_text())
-    assert summary["global_step"] == steps and summary["resumed_from_step"] == per_epoch
-    audit = [json.loads(x) for r in (0, 1) for x in (run_dir / "workers" / f"batches_rank{r}.jsonl").read_text().splitlines()]
-    by_micro: dict[tuple[int, int, int], list[str]] = {}
-    for rank, e in ((r, e) for r in (0, 1) for e in [json.loads(x) for x in
-                    (run_dir / "workers" / f"batches_rank{r}.jsonl").read_text().splitlines()]):
-        key = (e["step"], e["micro"], rank)
-        assert by_micro.setdefault(key, e["rows"]) == e["rows"], f"step {key} trained on other rows when re-trained"
-    assert len(audit) >= len(by_micro)
-    trained = [d for key in sorted(by_micro) for d in by_micro[key]]
-    assert len(trained) == 2 * steps  # 2 workers x 1 row x GA 1, each step once
-    epoch1, epoch2 = trained[:n], trained[n:2 * n]
-    all_rows = row_digests(prepared.rows().read("train", np.arange(n)))
-    assert Counter(epoch1) == Counter(epoch2) == Counter(all_rows)  # each epoch: every packed row once
-    assert epoch1 != epoch2  # ... in a new order
-    # The order is the global one the prepared set defines, whatever was killed on the way.
-    stream = shards.RowStream(prepared.rows(), rank=0, world=1, batch=1, start=0, seed=cfg.trainer.seed, timeout_s=60)
-    assert trained[:2 * n] == [row_digests(stream.batch_at(g))[0] for g in range(2 * n)]

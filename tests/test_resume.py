@@ -2,11 +2,12 @@
 
 A run is trained uninterrupted; the same run is trained again while a worker process is killed
 with SIGKILL from outside after step 3 and again, after the restart, after step 5 (checkpoints
-every 2 steps). Ray Train restarts the worker group twice, raysft resumes from the step-2, then
-the step-4 checkpoint, and the workers train on exactly the micro-batches the uninterrupted run
-trained on (hashes of every micro-batch), to the same weights, with the same step, learning rate
-and token count in the metrics. Resuming a run whose newest checkpoint is its last step trains
-nothing more."""
+every 2 steps), and every actor that is not Ray Train's own is SIGKILLed after step 1. Ray Train
+restarts the worker group twice, raysft resumes from the step-2, then the step-4 checkpoint, and
+the workers train on exactly the micro-batches the uninterrupted run trained on (hashes of every
+micro-batch), to the same weights, with the same step, learning rate and token count in the
+metrics. Resuming a run whose newest checkpoint is its last step trains nothing more; a run resumed
+on more workers at an epoch boundary trains the next epoch in the global order."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CLEAN_RUN, GROWN_STEPS, compose
+from conftest import CLEAN_RUN, GROWN_ROWS, GROWN_STEPS, compose
+from faults import kill_other_actors_after
 
 from raysft.run import driver
 
@@ -83,15 +85,19 @@ def test_sigkill_of_a_worker_resumes_with_exactly_the_same_data(clean_run, tmp_p
     _, clean = clean_run
 
     killed: list[int] = []
+    others: list[str] = []  # every actor not Ray Train's own, SIGKILLed once step 1 is logged
     stop = threading.Event()
-    killer = threading.Thread(target=_kill_a_worker_after, args=(tmp_path / "faulty", (3, 5), killed, stop), daemon=True)
-    killer.start()
+    killers = [threading.Thread(target=_kill_a_worker_after, args=(tmp_path / "faulty", (3, 5), killed, stop), daemon=True),
+               threading.Thread(target=kill_other_actors_after, args=(tmp_path / "faulty", 1, others, stop), daemon=True)]
+    for t in killers:
+        t.start()
     try:
         driver.run(compose(f"storage.path={tmp_path}", "storage.name=faulty", "scaling.max_failures=2", *CLEAN_RUN))
     finally:
         stop.set()
     faulty = tmp_path / "faulty"
     assert len(killed) == 2, f"workers killed: {killed}"
+    assert "<checked>" in others, others  # training needs no actor but Ray Train's (the workers read storage)
     summary = json.loads((faulty / "train_summary.json").read_text())
     assert summary["resumed_from_step"] == 4 and summary["global_step"] == STEPS  # restarted twice, last from step 4
 
@@ -148,10 +154,18 @@ def _global_rows(storage: Path, seed: int, count: int) -> list[str]:
 
 
 def test_a_resume_on_more_workers_continues_the_global_data_order(grown_run):
-    """What an elastic resize does (Ray Train restarts the group, bigger, from the latest checkpoint):
-    a run on 1 worker (accumulation 4) stops at step 2; the same run resumed on 2 workers
-    (accumulation 2, the same 4 rows per step) trains every step on the next rows of the same global
-    order: none lost, none repeated (conftest.grown_run)."""
+    """What an elastic resize does (Ray Train restarts the group, bigger, from the latest checkpoint),
+    at an epoch boundary: a run on 1 worker (accumulation 4) trains epoch 1 (steps 1-2); the same run
+    resumed on 2 workers (accumulation 2, the same 4 rows per step) from the epoch-1 checkpoint trains
+    epoch 2, not skipped (verl #7401): every step on the next rows of the same global order, none
+    lost, none repeated, and each epoch every packed row once, in a new order (conftest.grown_run)."""
+    from collections import Counter
+
+    import numpy as np
+
+    from raysft.data.prepared import open_prepared
+    from raysft.train.batches import row_digests
+
     run_dir, steps = grown_run.run_dir, GROWN_STEPS[1]
     audit = [json.loads(x) | {"rank": r} for r in (0, 1)
              for x in (run_dir / "workers" / f"batches_rank{r}.jsonl").read_text().splitlines()]
@@ -159,17 +173,29 @@ def test_a_resume_on_more_workers_continues_the_global_data_order(grown_run):
     assert {(e["rank"], e["micro"]) for e in audit if e["session"] == first} == {(0, j) for j in range(4)}
     assert {e["step"] for e in audit if e["session"] == first} == {1, 2}
     assert {e["step"] for e in audit if e["session"] > first} == {3, 4}
+    assert json.loads((run_dir / "train_summary.json").read_text())["resumed_from_step"] == GROWN_STEPS[0]
     final = json.loads((run_dir / "workers" / "rank_1.json").read_text())
     assert final["world_size"] == 2 and final["gradient_accumulation_steps"] == 2
     assert final["wrapped_model"] == "DistributedDataParallel"
     # One worker trains as one plain process: no DDP around the model (worker._alone).
     assert grown_run.first_worker["world_size"] == 1 and grown_run.first_worker["wrapped_model"] != "DistributedDataParallel"
 
-    # Step s trained on global rows 4(s-1) .. 4s-1, whichever group ran it.
-    order = _global_rows(grown_run.root, compose(*grown_run.common).trainer.seed, 4 * steps)
-    for s in range(1, steps + 1):
-        got = sorted(d for e in audit if e["step"] == s for d in e["rows"])
-        assert got == sorted(order[g] for g in range(4 * (s - 1), 4 * s)), s
+    # Global position of micro-batch j of step s on rank r of W workers (accumulation 4 / W, 1 row each):
+    # ((s - 1) x GA + j) x W + r. The run trained position g on global row g of the prepared set's order.
+    trained: dict[int, str] = {}
+    for e in audit:
+        world, ga = (1, 4) if e["session"] == first else (2, 2)
+        (row,) = e["rows"]
+        assert trained.setdefault(((e["step"] - 1) * ga + e["micro"]) * world + e["rank"], row) == row
+    assert sorted(trained) == list(range(4 * steps))
+    sequence = [trained[g] for g in range(4 * steps)]
+    assert sequence == _global_rows(grown_run.root, compose(*grown_run.common).trainer.seed, 4 * steps)
+    # Each epoch trains every packed row once (read from the set directly), epoch 2 in a new order.
+    (prepared,) = (grown_run.root / "prepared").iterdir()
+    every_row = row_digests(open_prepared(str(prepared)).rows().read("train", np.arange(GROWN_ROWS)))
+    epoch1, epoch2 = sequence[:GROWN_ROWS], sequence[GROWN_ROWS:]
+    assert Counter(epoch1) == Counter(epoch2) == Counter(every_row) and len(set(every_row)) == GROWN_ROWS
+    assert epoch1 != epoch2
 
 
 def test_elastic_accumulation_keeps_the_global_batch():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from raysft import assets
 from raysft.config import recipe_keys as keys
@@ -29,6 +29,17 @@ def source_entry(b: _Builder, where: str, **entry: Any) -> dict[str, Any]:
     return {("path" if local else "id"): loc, **{k: v for k, v in entry.items() if v is not None}}
 
 
+def _entries(b: _Builder, entries: list, where: str, valid: set[str]) -> Iterator[tuple[int, dict]]:
+    """The mapping entries of a recipe's source list, each other item and unknown key refused by name."""
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            b.refuse(f"{where}[{i}]: expected a mapping")
+            continue
+        for k in sorted(set(e) - valid):
+            b.refuse(f"{where}[{i}].{k}: unknown key (valid: {', '.join(sorted(valid))})")
+        yield i, e
+
+
 def translate_data(b: _Builder) -> None:
     r = b.r
     if "dataset_mixture" in r and "datasets" in r:
@@ -43,12 +54,7 @@ def translate_data(b: _Builder) -> None:
             return
         for k in sorted(set(mix) - {"datasets", "seed", "test_split_size"}):
             b.refuse(f"dataset_mixture.{k}: unknown key (valid: datasets, seed, test_split_size)")
-        for i, e in enumerate(mix["datasets"]):
-            if not isinstance(e, dict):
-                b.refuse(f"dataset_mixture.datasets[{i}]: expected a mapping")
-                continue
-            for k in sorted(set(e) - _HANDBOOK_ENTRY):
-                b.refuse(f"dataset_mixture.datasets[{i}].{k}: unknown key (valid: {', '.join(sorted(_HANDBOOK_ENTRY))})")
+        for i, e in _entries(b, mix["datasets"], "dataset_mixture.datasets", _HANDBOOK_ENTRY):
             weight = e.get("weight", 1.0)
             if weight is None:
                 b.note(f"dataset_mixture.datasets[{i}].weight: null keeps the split unshuffled in the handbook; raysft "
@@ -63,12 +69,7 @@ def translate_data(b: _Builder) -> None:
         if not isinstance(r["datasets"], list) or not r["datasets"]:
             b.refuse("datasets: expected a list of {path, name, split, columns}")
             return
-        for i, e in enumerate(r["datasets"]):
-            if not isinstance(e, dict):
-                b.refuse(f"datasets[{i}]: expected a mapping")
-                continue
-            for k in sorted(set(e) - _TRL_ENTRY):
-                b.refuse(f"datasets[{i}].{k}: unknown key (valid: {', '.join(sorted(_TRL_ENTRY))})")
+        for i, e in _entries(b, r["datasets"], "datasets", _TRL_ENTRY):
             for k, todo in (("fraction", "TRL's fraction (normalised shares, capped) has no raysft equivalent: raysft's "
                              "weight is the fraction of a source's rows kept; use dataset_mixture with weights"),
                             ("data_dir", "point path at the local directory or file"),

@@ -178,6 +178,9 @@ def _finished_units(pdir: PreparedDir, units: list[tuple[str, int]]) -> dict[tup
 
 def describe(prepared: PreparedSet) -> str:
     n = sum(rows for _, rows in prepared.manifest["shards"]["train"])
-    where = prepared.uri if files.is_remote(prepared.uri) else os.path.relpath(prepared.uri)
+    where = prepared.uri
+    if not files.is_remote(where) and not (rel := os.path.relpath(where)).startswith(".."):
+        where = rel  # short when under the working directory, else the absolute path (never ../../x)
+    k = len(prepared.manifest["shards"]["train"])
     return (f"{'reusing' if prepared.reused else 'prepared'} data set {prepared.fingerprint} ({n:,} packed train rows, "
-            f"{len(prepared.manifest['shards']['train'])} shards) at {where}")
+            f"{k} shard{'s' * (k != 1)}) at {where}")
