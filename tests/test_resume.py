@@ -122,19 +122,33 @@ def test_sigkill_of_a_worker_resumes_with_exactly_the_same_data(clean_run, tmp_p
         assert m_faulty[step]["loss"] == pytest.approx(m_clean[step]["loss"], abs=1e-4), step
 
 
-def test_resuming_a_finished_run_trains_no_extra_step(clean_run, tmp_path):
-    """The newest checkpoint is the last step (a restart right after it, or the same command run again):
-    nothing more is trained and the final model stays the one the run produced."""
+def test_running_a_finished_run_again_trains_nothing_and_starts_no_worker(clean_run, tmp_path, capsys):
+    """The same command run again once the run has finished (a retried job, a resubmit): it says so
+    and starts no worker group; the run's files, model and summary stay the ones the run produced.
+    A run whose newest checkpoint is its last step but that never saved its final model resumes
+    there and trains nothing more."""
     import shutil
 
     _, clean = clean_run
     done = tmp_path / "clean"
     shutil.copytree(clean, done)
     shutil.copytree(clean.parent / "prepared", tmp_path / "prepared")  # the same data, reused by fingerprint
-    before = _by_step(done)
+    keep = ("metrics.jsonl", "train_summary.json", "model/model.safetensors", "workers/batches_rank0.jsonl")
+    before = {f: (done / f).read_bytes() for f in keep}
+    capsys.readouterr()
+    result = driver.run(compose(f"storage.path={tmp_path}", "storage.name=clean", *CLEAN_RUN))
+    out = capsys.readouterr().out
+    assert result.max_steps == STEPS and f"raysft: run clean already finished at step {STEPS}" in out, out
+    assert "resuming from step" not in out
+    assert {f: (done / f).read_bytes() for f in keep} == before
+    assert json.loads((done / "train_summary.json").read_text())["resumed_from_step"] == 0
+
+    # Without its train_summary.json (a run stopped after its last checkpoint, before its final save)
+    # it is not finished: it resumes from step 6, trains nothing more and saves the model.
+    (done / "train_summary.json").unlink()
     driver.run(compose(f"storage.path={tmp_path}", "storage.name=clean", *CLEAN_RUN))
     after = _by_step(done)
-    assert sorted(after) == sorted(before) == list(range(1, STEPS + 1))  # no step past the last
+    assert sorted(after) == list(range(1, STEPS + 1))  # no step past the last
     summary = json.loads((done / "train_summary.json").read_text())
     assert summary["global_step"] == STEPS and summary["resumed_from_step"] == STEPS
     _, lines = _hashes(done, 0)

@@ -102,7 +102,6 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
     resume_from = rundir.latest_checkpoint() or (ckpts.inspect(init_checkpoint) if init_checkpoint else None)
     if resume_from:
         check_world_size(resume_from.world_size, cfg.scaling.num_workers, cfg, resume_from.uri)  # fail before Ray starts
-        print(f"raysft: resuming from step {resume_from.step} ({resume_from.uri})", flush=True)
     # NOTE: a hub token given as an override reaches the workers as HF_TOKEN in the environment only
     # (raysft.config.secrets): set here, before a local Ray starts, its workers inherit it.
     if hub_token_to_env(cfg.trainer.trl_overrides):
@@ -122,6 +121,16 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
     print(f"raysft: {cfg.scaling.num_workers} workers x {t.per_device_train_batch_size} rows x "
           f"{t.gradient_accumulation_steps} accumulation = {d.global_batch_rows} "
           f"rows/step ({cfg.data.max_length} tokens each) => {d.max_steps} optimizer steps", flush=True)
+    finished = rundir.finished_step()
+    if finished is not None and finished >= d.max_steps and not callbacks:
+        # The same command run again (a retried job, a resubmit): no worker group, no GPUs, no re-upload
+        # of the model. A sweep trial still goes through Ray Train, which reports it to Tune.
+        print(f"raysft: run {name} already finished at step {finished} (model in {rundir.file(RunDir.MODEL)}): "
+              "nothing to train. To train again, choose another storage.name", flush=True)
+        upload_console_log(rundir, driver_log)
+        return RunResult(rundir.uri, d.max_steps, stats, {})
+    if resume_from:
+        print(f"raysft: resuming from step {resume_from.step} ({resume_from.uri})", flush=True)
     write_config(rundir, cfg, d)
     files.write_bytes(rundir.file(RunDir.DATA_STATS), json.dumps(stats.to_json(), indent=1).encode())
 

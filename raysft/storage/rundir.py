@@ -17,6 +17,7 @@ prepared data sets (``prepared/<fingerprint>/``, shared by every run and sweep t
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +85,13 @@ class RunDir(_NamedDir):
 
     def has(self, name: str) -> bool:
         return files.exists(self.file(name))
+
+    def finished_step(self) -> int | None:
+        """The last step of a run that finished here: its ``train_summary.json`` (rank 0 writes it once
+        the final model is in storage) and the model are there. None for a run that never finished."""
+        if not (self.has(self.TRAIN_SUMMARY) and self.has(self.MODEL)):
+            return None
+        return json.loads(files.read_bytes(self.file(self.TRAIN_SUMMARY))).get("global_step")
 
     def kept_model(self) -> str:
         """Where a node keeps the trained model when storage is down at the final save (a local path)."""
