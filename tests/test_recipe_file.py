@@ -386,13 +386,16 @@ SHRINK = ["model=tiny_smollm3", "data=sample_sft", "scaling=local_cpu", "storage
 # The handbook's SmolLM3 SFT recipe trains under DeepSpeed ZeRO-3, so its shrunk run does too: the
 # suite's ZeRO-3 run on two CPU workers (the others run DDP, as scaling=local_cpu does).
 EXTRA = {"smollm3_sft": ["deepspeed=zero3"]}
+# The handbook's QLoRA file, shrunk, is the suite's LoRA run: on a random init the 4-bit load does not
+# apply (it quantizes pretrained weights), so its adapters train on the fp32 tiny model.
+LORA_FILE = "zephyr-7b-beta_sft_qlora"
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FILES)
 def test_shrunk_handbook_file_trains_two_steps(name, ray_cluster, tmp_path, tokenizer):
-    from test_train import _generate
+    from test_train import _generate, check_lora_run
 
     from raysft.run import driver
 
@@ -406,6 +409,9 @@ def test_shrunk_handbook_file_trains_two_steps(name, ray_cluster, tmp_path, toke
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in m for m in metrics) and max(m.get("global_step", 0) for m in metrics) == 2
     assert (run_dir / "model").is_dir()
+    assert cfg.peft.enabled == (name == LORA_FILE)
+    if cfg.peft.enabled:  # the suite's LoRA run: adapter only, export --merge
+        check_lora_run(run_dir, cfg, tmp_path, tokenizer)
     if "deepspeed=zero3" in EXTRA.get(name, []):
         workers = [json.loads((run_dir / "workers" / f"rank_{r}.json").read_text()) for r in (0, 1)]
         assert {w["wrapped_model"] for w in workers} == {"DeepSpeedEngine"}
