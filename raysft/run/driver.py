@@ -120,7 +120,7 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
     t = cfg.trainer
     print(f"raysft: {cfg.scaling.num_workers} workers x {t.per_device_train_batch_size} rows x "
           f"{t.gradient_accumulation_steps} accumulation = {d.global_batch_rows} "
-          f"rows/step ({cfg.data.max_length} tokens each) => {d.max_steps} optimizer steps", flush=True)
+          f"rows/step ({cfg.data.max_length} tokens each) => {_count(d.max_steps, 'optimizer step')}", flush=True)
     finished = rundir.finished_step()
     if finished is not None and finished >= d.max_steps and not callbacks:
         # The same command run again (a retried job, a resubmit): no worker group, no GPUs, no re-upload
@@ -168,7 +168,7 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
                                       greater_is_better=t.greater_is_better):
         print(f"raysft: removed checkpoint {uri} (retention, or an upload that never completed)", flush=True)
     summary = summaries.summarize(rundir, time.perf_counter() - started)
-    print(f"raysft: {summary['steps']} steps, {summary['tokens']:,.0f} tokens in {summary['wall_time_s']:.0f} s "
+    print(f"raysft: {_count(summary['steps'], 'step')}, {summary['tokens']:,.0f} tokens in {summary['wall_time_s']:.0f} s "
           f"({_round(summary['tokens_per_s'], 1)} tokens/s); train loss {_round(summary['first_train_loss'])} -> "
           f"{_round(summary['final_train_loss'])}, eval loss {_round(summary['final_eval_loss'])}", flush=True)
     print(f"raysft: done. Run directory: {rundir.uri} (logs in {RunDir.LOGS}/)", flush=True)
@@ -182,6 +182,10 @@ def worker_env(cfg: RaySFTConfig) -> dict[str, str]:
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would probe for CUDA and say so on every worker
     return env
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'s' * (n != 1)}"
 
 
 def _round(v, digits: int = 3):
