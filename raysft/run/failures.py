@@ -17,8 +17,11 @@ import sys
 import traceback
 from dataclasses import dataclass
 
+import ray
+
 from raysft.data.pipeline import DataQualityError
 from raysft.data.shards import DataStallError
+from raysft.logs import Tee
 from raysft.storage.retry import StorageUnavailableError
 
 EXIT_WORKER, EXIT_CONFIG, EXIT_DATA, EXIT_STORAGE, EXIT_STALL, EXIT_OOM = 1, 2, 3, 4, 5, 6
@@ -56,10 +59,6 @@ def one_line(e: BaseException) -> tuple[int, str]:
 def stop_ray() -> None:
     """Shut Ray down before the error line: what Ray's own helpers print while they stop (a cleaner
     thread's traceback about the dead controller) goes to the driver log only, not the console."""
-    import ray
-
-    from raysft.logs import Tee
-
     out, err = sys.stdout, sys.stderr
     if isinstance(out, Tee) and isinstance(err, Tee):  # Ray looks sys.stdout/stderr up per line it prints
         sys.stdout, sys.stderr = out.file, err.file
