@@ -167,6 +167,33 @@ def _fake(run: Path, name: str, step: int, *, score: float | None = None, comple
         (d / "weights.bin").write_bytes(b"")
 
 
+def test_aws_itself_looks_the_bucket_region_up_once_and_falls_back_to_the_environment(monkeypatch):
+    """Without AWS_ENDPOINT_URL (AWS itself) the bucket's region is asked once per process, not for
+    every file outside the retries; when the lookup cannot answer, AWS_DEFAULT_REGION is used."""
+    import pyarrow.fs as pafs
+
+    asked: list[str] = []
+
+    def lookup(bucket: str) -> str:
+        asked.append(bucket)
+        if bucket.startswith("unreachable"):
+            raise OSError("When resolving region for bucket 'unreachable': AWS Error NETWORK_CONNECTION")
+        return "eu-north-1"
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-west-2")
+    monkeypatch.setattr(pafs, "resolve_s3_region", lookup)
+    files.s3_region.cache_clear()
+    try:
+        regions = [files.filesystem(f"s3://{b}/runs/{i}")[0].region for b in ("mine", "unreachable") for i in range(3)]
+        assert regions == ["eu-north-1"] * 3 + ["us-west-2"] * 3 and asked == ["mine", "unreachable"]
+        monkeypatch.delenv("AWS_DEFAULT_REGION")
+        with pytest.raises(OSError, match="resolving region"):
+            files.filesystem("s3://unreachable-too/x")
+    finally:
+        files.s3_region.cache_clear()
+
+
 def test_retention_keeps_the_newest_and_never_touches_an_upload_in_flight(tmp_path):
     run = tmp_path / "run"
     _fake(run, "checkpoint_01", 2, score=3.0)

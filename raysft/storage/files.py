@@ -7,6 +7,7 @@ from the config. Every call here is retried through a storage outage (``retry.py
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
@@ -37,14 +38,32 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it). S3 honours ``AWS_ENDPOINT_URL`` for S3-compatible servers."""
     if not is_remote(uri):
         return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
-    if uri.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
-        endpoint = os.environ["AWS_ENDPOINT_URL"]
-        fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="https" if endpoint.startswith("https") else "http",
-                               region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-                               access_key=os.environ.get("AWS_ACCESS_KEY_ID"), secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
-                               retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))  # see SDK_RETRIES
+    if uri.startswith("s3://"):
+        one_attempt = pafs.AwsStandardS3RetryStrategy(max_attempts=1)  # see SDK_RETRIES
+        if endpoint := os.environ.get("AWS_ENDPOINT_URL"):
+            fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="https" if endpoint.startswith("https") else "http",
+                                   region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+                                   access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+                                   secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"), retry_strategy=one_attempt)
+        else:
+            # AWS itself: the SDK's default credential chain (environment, ~/.aws, instance role), as
+            # FileSystem.from_uri has; unlike it, one attempt per call and the bucket's region looked up once.
+            fs = pafs.S3FileSystem(region=s3_region(uri[len("s3://"):].split("/", 1)[0]), retry_strategy=one_attempt)
         return fs, uri[len("s3://"):]
     return pafs.FileSystem.from_uri(uri)
+
+
+@functools.lru_cache(maxsize=64)
+def s3_region(bucket: str) -> str:
+    """The bucket's own region, looked up once per process (from_uri looked it up for every file,
+    outside the retries: during an outage each call failed at once); ``AWS_REGION`` /
+    ``AWS_DEFAULT_REGION`` when the lookup cannot answer (e.g. a VPC endpoint only)."""
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except OSError:
+        if region := os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"):
+            return region
+        raise
 
 
 # Environment forwarded from the launching process to Ray Train workers at run time (endpoints,
