@@ -118,7 +118,7 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
     print_data_summary(stats)
     d = derived.derive(cfg, run_name=name, date=spec.date, train_packed_rows=stats.train_packed_rows)
     t = cfg.trainer
-    print(f"raysft: {cfg.scaling.num_workers} workers x {t.per_device_train_batch_size} rows x "
+    print(f"raysft: {_count(cfg.scaling.num_workers, 'worker')} x {_count(t.per_device_train_batch_size, 'row')} x "
           f"{t.gradient_accumulation_steps} accumulation = {d.global_batch_rows} "
           f"rows/step ({cfg.data.max_length} tokens each) => {_count(d.max_steps, 'optimizer step')}", flush=True)
     finished = rundir.finished_step()
