@@ -88,6 +88,11 @@ def test_ray_trains_storage_keeps_the_runs_deadline_in_another_process(s3_up):
         with pytest.raises(retry.StorageUnavailableError, match="storage unreachable for 2 s"):
             with fs.open_output_stream(f"{s3_up.bucket}/runs/deadline/state.json") as f:
                 f.write(b"{}")
+        # ... and makes one SDK attempt per call there too (pyarrow pickles S3 without its retry setting).
+        before = s3_up.proxy.refused
+        with pytest.raises(OSError):
+            fs.handler.inner.get_file_info(f"{s3_up.bucket}/runs/deadline/state.json")
+        assert s3_up.proxy.refused - before == 1
     finally:
         s3_up.proxy.up()
     assert time.monotonic() - t0 < 30

@@ -21,7 +21,7 @@ from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 
 from raysft.config.secrets import SECRET_ENV
-from raysft.storage.retry import retrying
+from raysft.storage.retry import one_sdk_attempt, retrying
 
 
 def is_remote(uri: str) -> bool:
@@ -39,7 +39,7 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if not is_remote(uri):
         return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
     if uri.startswith("s3://"):
-        one_attempt = pafs.AwsStandardS3RetryStrategy(max_attempts=1)  # see SDK_RETRIES
+        one_attempt = one_sdk_attempt()  # see SDK_RETRIES
         if endpoint := os.environ.get("AWS_ENDPOINT_URL"):
             fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="https" if endpoint.startswith("https") else "http",
                                    region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),

@@ -115,6 +115,11 @@ def _short(e: BaseException) -> str:
 # ----------------------------------------------------------------------------- for Ray Train
 
 
+def one_sdk_attempt() -> pafs.S3RetryStrategy:
+    """pyarrow's S3 retry setting for one attempt per call: the retries are this module's, to its deadline."""
+    return pafs.AwsStandardS3RetryStrategy(max_attempts=1)
+
+
 class RetryingHandler(pafs.FileSystemHandler):
     """A pyarrow filesystem that retries every call of the one it wraps (Ray Train's own storage
     calls: its experiment state, checkpoint registry and deletions). Small writes are buffered and
@@ -125,6 +130,13 @@ class RetryingHandler(pafs.FileSystemHandler):
 
     def __init__(self, inner: pafs.FileSystem, timeout_s: float):
         self.inner, self.timeout_s = inner, timeout_s
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # NOTE: pyarrow pickles an S3FileSystem without its retry_strategy: in Ray's processes it came
+        # back with the SDK's own retries (3 attempts, with backoff) inside each of this handler's.
+        self.__dict__.update(state)
+        if isinstance(self.inner, pafs.S3FileSystem):
+            self.inner = pafs.S3FileSystem(**self.inner.__reduce__()[1][0], retry_strategy=one_sdk_attempt())
 
     def __eq__(self, other: Any) -> bool:
         return isinstance(other, RetryingHandler) and self.inner.equals(other.inner)
