@@ -30,6 +30,11 @@ class OursOrErrors(logging.Filter):
         return record.name == "raysft" or record.name.startswith("raysft.") or record.levelno >= logging.ERROR
 
 
+def count(n: int, noun: str) -> str:
+    """``1 step``, ``24 steps``: a count for a console line."""
+    return f"{n:,} {noun}{'s' * (n != 1)}"
+
+
 def quiet_libraries(verbose: bool) -> None:
     """Library loggers keep their records for the log files but stop printing below ERROR; Python
     warnings become log records (``py.warnings``) instead of stderr lines."""

@@ -24,7 +24,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from raysft import assets
+from raysft import assets, logs
 from raysft.config import derived
 from raysft.data import shards
 from raysft.data.pipeline import DataSpec, DataStats, build_dataset, check_quality, merge_unit_stats
@@ -181,6 +181,5 @@ def describe(prepared: PreparedSet) -> str:
     where = prepared.uri
     if not files.is_remote(where) and not (rel := os.path.relpath(where)).startswith(".."):
         where = rel  # short when under the working directory, else the absolute path (never ../../x)
-    k = len(prepared.manifest["shards"]["train"])
     return (f"{'reusing' if prepared.reused else 'prepared'} data set {prepared.fingerprint} ({n:,} packed train rows, "
-            f"{k} shard{'s' * (k != 1)}) at {where}")
+            f"{logs.count(len(prepared.manifest['shards']['train']), 'shard')}) at {where}")

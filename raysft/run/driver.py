@@ -118,9 +118,9 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
     print_data_summary(stats)
     d = derived.derive(cfg, run_name=name, date=spec.date, train_packed_rows=stats.train_packed_rows)
     t = cfg.trainer
-    print(f"raysft: {_count(cfg.scaling.num_workers, 'worker')} x {_count(t.per_device_train_batch_size, 'row')} x "
+    print(f"raysft: {logs.count(cfg.scaling.num_workers, 'worker')} x {logs.count(t.per_device_train_batch_size, 'row')} x "
           f"{t.gradient_accumulation_steps} accumulation = {d.global_batch_rows} "
-          f"rows/step ({cfg.data.max_length} tokens each) => {_count(d.max_steps, 'optimizer step')}", flush=True)
+          f"rows/step ({cfg.data.max_length} tokens each) => {logs.count(d.max_steps, 'optimizer step')}", flush=True)
     finished = rundir.finished_step()
     if finished is not None and finished >= d.max_steps and not callbacks:
         # The same command run again (a retried job, a resubmit): no worker group, no GPUs, no re-upload
@@ -158,8 +158,7 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
         result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - turned into one line; the traceback goes to a file
         console.progress.close()
-        failure = with_kept_model(explain(e, save_traceback(e, rundir)), rundir.kept_model(), rundir.file(RunDir.MODEL),
-                                  started_unix)
+        failure = with_kept_model(explain(e, save_traceback(e, rundir)), rundir, started_unix)
         upload_console_log(rundir, driver_log)
         raise RunFailedError(failure) from e
     console.progress.close()
@@ -168,7 +167,7 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
                                       greater_is_better=t.greater_is_better):
         print(f"raysft: removed checkpoint {uri} (retention, or an upload that never completed)", flush=True)
     summary = summaries.summarize(rundir, time.perf_counter() - started)
-    print(f"raysft: {_count(summary['steps'], 'step')}, {summary['tokens']:,.0f} tokens in {summary['wall_time_s']:.0f} s "
+    print(f"raysft: {logs.count(summary['steps'], 'step')}, {summary['tokens']:,.0f} tokens in {summary['wall_time_s']:.0f} s "
           f"({_round(summary['tokens_per_s'], 1)} tokens/s); train loss {_round(summary['first_train_loss'])} -> "
           f"{_round(summary['final_train_loss'])}, eval loss {_round(summary['final_eval_loss'])}", flush=True)
     print(f"raysft: done. Run directory: {rundir.uri} (logs in {RunDir.LOGS}/)", flush=True)
@@ -182,10 +181,6 @@ def worker_env(cfg: RaySFTConfig) -> dict[str, str]:
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would probe for CUDA and say so on every worker
     return env
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n:,} {noun}{'s' * (n != 1)}"
 
 
 def _round(v, digits: int = 3):

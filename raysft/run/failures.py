@@ -23,6 +23,7 @@ from raysft.data.pipeline import DataQualityError
 from raysft.data.shards import DataStallError
 from raysft.logs import Tee
 from raysft.storage.retry import StorageUnavailableError
+from raysft.storage.rundir import RunDir
 
 EXIT_WORKER, EXIT_CONFIG, EXIT_DATA, EXIT_STORAGE, EXIT_STALL, EXIT_OOM = 1, 2, 3, 4, 5, 6
 
@@ -117,17 +118,17 @@ def explain(e: BaseException, log_file: str | None) -> Failure:
                                 f"fix the cause and rerun the same command to resume{logs}")
 
 
-def with_kept_model(failure: Failure, kept: str, dest: str, since_unix_s: float) -> Failure:
+def with_kept_model(failure: Failure, rundir: RunDir, since_unix_s: float) -> Failure:
     """A storage failure names the trained model a worker kept on this node, when it did during this run.
 
     The worker's own line says so, but when Ray Train's controller is the one whose storage write
     failed last (its checkpoint registry, retried as long as the run rides out an outage) its error
     is what the run ends with; the model is kept either way (``train/finish.py``)."""
+    kept = rundir.kept_model()
     if failure.code != EXIT_STORAGE or "raysft upload" in failure.line or not os.path.isdir(kept) \
             or os.path.getmtime(kept) < since_unix_s:
         return failure
-    return Failure(failure.code, f"{failure.line}; the trained model is kept at {kept}. Upload it when storage is "
-                                 f"back: raysft upload {kept} {dest}")
+    return Failure(failure.code, f"{failure.line}; the trained model is kept at {kept}. {rundir.upload_kept_model()}")
 
 
 def _is_oom(e: BaseException) -> bool:

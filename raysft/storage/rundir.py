@@ -97,6 +97,10 @@ class RunDir(_NamedDir):
         """Where a node keeps the trained model when storage is down at the final save (a local path)."""
         return os.path.join(unsaved_dir(self.name), self.MODEL)
 
+    def upload_kept_model(self) -> str:
+        """What to do with a kept model, for the error lines that name it."""
+        return f"Upload it when storage is back: raysft upload {self.kept_model()} {self.file(self.MODEL)}"
+
     def ray_storage(self, retry_s: float) -> tuple[str, pafs.FileSystem | None]:
         """``(storage_path, storage_filesystem)`` for Ray Train's RunConfig: Ray stores through the
         same pyarrow filesystem as our own files (S3 endpoint included), wrapped so that Ray's own

@@ -57,5 +57,4 @@ def upload_final_model(model_dir: str, rundir: RunDir) -> None:
         shutil.rmtree(kept, ignore_errors=True)
         shutil.move(model_dir, kept)
         raise StorageUnavailableError(f"the trained model could not be uploaded to {dest} ({e}); it is kept at "
-                                      f"{kept} on node {socket.gethostname()}. Upload it when storage is back: "
-                                      f"raysft upload {kept} {dest}") from None
+                                      f"{kept} on node {socket.gethostname()}. {rundir.upload_kept_model()}") from None
