@@ -11,7 +11,8 @@
   model/, checkpoint_*/, logs/ (driver and worker logs); tokenised data once per fingerprint under
   <storage.path>/prepared/. `raysft plan` and `raysft data stats` write to outputs/<command>/<time>/.
   Failures end in one line `raysft: error: ...`; exit codes 1 worker, 2 config, 3 data, 4 storage,
-  5 data stall, 6 out of memory.
+  5 data stall, 6 out of memory, 7 no intact checkpoint, 8 loss-spike guard, 9 another driver writes
+  the run; Ctrl-C / SIGTERM: a checkpoint, then `raysft: stopped at step N ...`, exit 130 / 143.
 
   Coming from the alignment-handbook or `trl sft --config` (any command above takes the flags):
     raysft --trl-config RECIPE.yaml [--accelerate-config ZERO3.yaml] [overrides...]
@@ -63,6 +64,10 @@ def _train(cfg: DictConfig) -> None:
         if typed.preflight:
             fits.check_memory(typed)  # the plan's memory model, before Ray starts
         run(typed)
+    except failures.RunStopped as e:  # a signal: stopped as asked, with a checkpoint unless sent twice
+        failures.stop_ray()
+        print(f"raysft: {e.line}", file=sys.stderr, flush=True)
+        sys.exit(e.code)
     except Exception as e:  # noqa: BLE001 - every failure ends in one line and an exit code (run/failures.py)
         code, line = failures.one_line(e)
         failures.stop_ray()  # no worker log line may arrive after the one that says what happened

@@ -23,11 +23,17 @@ LIBRARIES = ("ray", "ray.data", "ray.train", "ray.tune", "transformers", "trl", 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+# ``log.info(..., extra=LOG_ONLY)``: a raysft record for the log files, never the console.
+LOG_ONLY = {"console": False}
+
+
 class OursOrErrors(logging.Filter):
-    """Pass raysft's records (INFO and up) and anyone's errors; drop the rest."""
+    """Pass raysft's records (INFO and up, unless marked ``LOG_ONLY``) and anyone's errors; drop the rest."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.name == "raysft" or record.name.startswith("raysft.") or record.levelno >= logging.ERROR
+        if record.levelno >= logging.ERROR:
+            return True
+        return (record.name == "raysft" or record.name.startswith("raysft.")) and getattr(record, "console", True)
 
 
 def count(n: int, noun: str) -> str:

@@ -81,8 +81,13 @@ class StorageConfig:
     max_failed_checkpoints: int = 3
     """A checkpoint whose upload still fails after the retries is abandoned (a warning names it; its
     local copy is kept) and training goes on; this many abandoned in a row stop the run."""
+    lease_timeout_s: float = 120.0
+    """The driver renews the run's lease (``<run>/lease.json``) every quarter of this; a lease not
+    renewed for this long is stale, and another driver may take the run over (a crashed driver)."""
 
     def validate(self) -> None:
+        if self.lease_timeout_s <= 0:
+            raise ValueError(f"storage.lease_timeout_s must be > 0, got {self.lease_timeout_s}")
         if self.retry_timeout_s < 0:
             raise ValueError(f"storage.retry_timeout_s must be >= 0, got {self.retry_timeout_s}")
         if self.max_failed_checkpoints < 1:

@@ -35,6 +35,33 @@ class ModelConfig:
 
 
 @dataclass
+class AnomalyConfig:
+    """The loss-spike guard (``raysft/train/anomaly.py``), checked at every logging step
+    (``trainer.logging_steps``) on the loss and grad norm every rank logs."""
+
+    policy: str = "stop"
+    """What a non-finite loss or grad norm, or a loss spike, does: ``stop`` (the run ends with one line
+    naming the step, the loss, the median and the last good checkpoint; exit 8), ``rollback`` (restart
+    from the last checkpoint before it and skip the batch that caused it, recorded in
+    ``anomalies.jsonl``), ``warn`` (one line, training goes on) or ``off``."""
+    loss_factor: float = 2.0
+    """A loss above this many times the running median of the last ``window`` logged losses is a spike
+    (LLM Foundry's KillLossSpike: 2x over 50 steps)."""
+    window: int = 50
+    min_history: int = 10
+    """Logged losses needed before spikes are looked for (a non-finite value counts from step 1)."""
+    max_rollbacks: int = 3
+    """Rollbacks a run may make (``policy=rollback``); one more anomaly then stops it."""
+
+    def validate(self) -> None:
+        _check_choice("trainer.anomaly.policy", self.policy, ("stop", "rollback", "warn", "off"))
+        if self.loss_factor <= 1:
+            raise ValueError(f"trainer.anomaly.loss_factor must be > 1, got {self.loss_factor}")
+        if self.window < 1 or self.min_history < 1 or self.max_rollbacks < 0:
+            raise ValueError("trainer.anomaly.window and min_history must be >= 1 and max_rollbacks >= 0")
+
+
+@dataclass
 class TrainerConfig:
     """A curated subset of TRL ``SFTConfig`` (same names). Anything else: ``trainer.trl_overrides``."""
 
@@ -72,8 +99,11 @@ class TrainerConfig:
     """Trackers: any of ``trackio``, ``wandb``, ``tensorboard``; ``none`` for none."""
     trl_overrides: dict[str, Any] = field(default_factory=dict)
     """Passed to ``SFTConfig`` as is, for fields not curated above."""
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
+    """The loss-spike guard (raysft's own, not an SFTConfig field)."""
 
     def validate(self) -> None:
+        self.anomaly.validate()
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"trainer.{name} must be > 0, got {getattr(self, name)}")

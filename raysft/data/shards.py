@@ -161,11 +161,16 @@ class RowStream:
     Global position ``g`` is row ``train_order(N, seed, g // N)[g % N]``. Rank ``r`` of ``W`` takes
     the positions ``start + r, start + r + W, ...`` (round-robin, like HF's DistributedSampler), ``B``
     a micro-batch, so after any number of whole steps the consumed positions are a prefix of the
-    global order: the data cursor is one number, valid for any ``W`` (exact resume, elastic resize)."""
+    global order: the data cursor is one number, valid for any ``W`` (exact resume, elastic resize).
+
+    ``skips``: ``[start, end)`` ranges of raw positions never trained (the batches a rollback past a
+    loss spike skipped, ``anomalies.jsonl``): the cursor counts trained positions, and position ``v``
+    reads raw position ``raw(v)``, past every skipped range before it."""
 
     def __init__(self, rows: PreparedRows, *, rank: int, world: int, batch: int, start: int, seed: int,
-                 timeout_s: float, prefetch: int = 4):
+                 timeout_s: float, prefetch: int = 4, skips: list[tuple[int, int]] | None = None):
         self.rows, self.rank, self.world, self.batch, self.start, self.seed = rows, rank, world, batch, start, seed
+        self.skips = sorted((int(a), int(b)) for a, b in (skips or []))
         self.timeout_s = timeout_s
         self.n = rows.num_rows("train")
         if self.n == 0:
@@ -178,7 +183,15 @@ class RowStream:
         j = np.arange(self.batch, dtype=np.int64)
         return self.start + (k * self.batch + j) * self.world + self.rank
 
+    def raw(self, positions: np.ndarray) -> np.ndarray:
+        """Trained positions -> positions of the global order, past the skipped ranges."""
+        out = np.asarray(positions, dtype=np.int64).copy()
+        for a, b in self.skips:
+            out[out >= a] += b - a
+        return out
+
     def row_ids(self, positions: np.ndarray) -> np.ndarray:
+        positions = self.raw(positions)
         epochs = positions // self.n
         out = np.empty(len(positions), dtype=np.int64)
         for e in np.unique(epochs):

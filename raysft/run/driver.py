@@ -23,13 +23,14 @@ from raysft.config.secrets import hub_token_to_env, redact
 from raysft.data.pipeline import DataSpec, DataStats, build_spec, collect_stats
 from raysft.data.prepared import PreparedSet, prepare
 from raysft.data.prepared import describe as describe_prepared
-from raysft.run import console, restarts
-from raysft.run.ray_init import init_ray, ray_logging
-from raysft.run import preflight
+from raysft.run import anomalies, console, preflight, records, restarts
 from raysft.run import summary as summaries
-from raysft.run.failures import RunFailedError, explain, with_kept_model, write_traceback
+from raysft.run.failures import EXIT_LEASE, Failure, RunFailedError, RunStopped, explain, with_kept_model, write_traceback
+from raysft.run.ray_init import init_ray, ray_logging
+from raysft.run.stop import SignalStop, StopNow, exit_code
 from raysft.storage import checkpoints as ckpts
 from raysft.storage import files, retry
+from raysft.storage.lease import Lease
 from raysft.storage.retry import unsaved_dir
 from raysft.storage.rundir import RunDir, Storage
 from raysft.train import model as models
@@ -96,12 +97,38 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
     name, init_checkpoint = storage.resolve_resume(cfg.resume, cfg.storage.name)
     name = name or derived.default_run_name(cfg)
     rundir = storage.run(name)
+    # One writer per run, refused here before anything is written or Ray starts (storage/lease.py).
+    held, took_over = Lease.acquire(rundir.uri, name, cfg.storage.lease_timeout_s)
+    held.start()
+    attempt = records.Attempt(rundir)
+    try:
+        with SignalStop(held) as stop:
+            return _run(cfg, callbacks, ray_cpus, rundir, init_checkpoint, held, took_over, stop, attempt)
+    except StopNow as e:
+        console.progress.close()
+        last = rundir.latest_checkpoint()
+        step = last.step if last else 0
+        attempt.end(f"stopped at once ({e.signame} twice)", None)
+        raise RunStopped(exit_code(e.signame), f"stopped at once ({e.signame} twice), without a checkpoint: the newest "
+                         f"is step {step}" + (f" in {last.uri}" if last else "") +
+                         " — run the same command to resume from it") from None
+    finally:
+        held.release()
+
+
+def _run(cfg: RaySFTConfig, callbacks, ray_cpus, rundir: RunDir, init_checkpoint: str | None, held: Lease,
+         took_over: str | None, stop: SignalStop, attempt: records.Attempt) -> RunResult:
+    name = rundir.name
     driver_log = console_log(rundir)
     print(f"raysft: run {name} -> {rundir.uri}", flush=True)
+    if took_over:
+        print(f"raysft: {took_over}", flush=True)
     print(f"raysft: survives {restarts.survives(cfg)}", flush=True)
-    resume_from = rundir.latest_checkpoint() or (ckpts.inspect(init_checkpoint) if init_checkpoint else None)
+    choice = choose_checkpoint(rundir, init_checkpoint)  # checksums checked before Ray starts
+    resume_from = choice.chosen
     if resume_from:
         check_world_size(resume_from.world_size, cfg.scaling.num_workers, cfg, resume_from.uri)  # fail before Ray starts
+        attempt.record["from_step"] = resume_from.step
     # NOTE: a hub token given as an override reaches the workers as HF_TOKEN in the environment only
     # (raysft.config.secrets): set here, before a local Ray starts, its workers inherit it.
     if hub_token_to_env(cfg.trainer.trl_overrides):
@@ -127,6 +154,7 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
         # of the model. A sweep trial still goes through Ray Train, which reports it to Tune.
         print(f"raysft: run {name} already finished at step {finished} (model in {rundir.file(RunDir.MODEL)}): "
               "nothing to train. To train again, choose another storage.name", flush=True)
+        attempt.end("already finished", finished)
         upload_console_log(rundir, driver_log)
         return RunResult(rundir.uri, d.max_steps, stats, {})
     if resume_from:
@@ -141,38 +169,131 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
     loop = LoopConfig(cfg=redact(to_plain(cfg)), run_root=rundir.root, run_name=name, max_steps=d.max_steps,
                       source_names=spec.source_names, has_eval=has_eval, prepared_uri=prepared.uri,
                       save_steps=d.save_steps, init_checkpoint=init_checkpoint, report_metrics=bool(callbacks),
-                      live_progress=console.live_progress_wanted(cfg.monitor.verbose))
-    rundir.forget_ray_registry()
-    storage_path, storage_fs = rundir.ray_storage(d.ray_state_retry_s)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop.to_dict(),
-        scaling_config=scaling_config(cfg),
-        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
-                             failure_config=restarts.failure_config(cfg),
-                             worker_runtime_env={"env_vars": worker_env(cfg)}, callbacks=callbacks,
-                             checkpoint_config=checkpoint_config(cfg), logging_config=ray_logging(cfg, train=True)),
-    )
+                      live_progress=console.live_progress_wanted(cfg.monitor.verbose),
+                      verified_checkpoint=resume_from.uri if resume_from else None,
+                      corrupt_checkpoints=tuple(c.uri for c, _ in choice.corrupt),
+                      data_skips=tuple(records.data_skips(rundir)),
+                      rollbacks_left=max(0, t.anomaly.max_rollbacks - records.rollbacks(rundir)), lease_token=held.token)
     started, started_unix = time.perf_counter(), time.time()
-    try:
-        result = trainer.fit()
-    except Exception as e:  # noqa: BLE001 - turned into one line; the traceback goes to a file
+    restarted = 0
+    while True:  # one Ray Train run; again after a rollback or a controller restart
+        rundir.forget_ray_registry()
+        storage_path, storage_fs = rundir.ray_storage(d.ray_state_retry_s)
+        trainer = (_OwnSignals if stop.installed else TorchTrainer)(
+            train_loop,
+            train_loop_config=loop.to_dict(),
+            scaling_config=scaling_config(cfg),
+            run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
+                                 failure_config=restarts.failure_config(cfg),
+                                 worker_runtime_env={"env_vars": worker_env(cfg)}, callbacks=callbacks,
+                                 checkpoint_config=checkpoint_config(), logging_config=ray_logging(cfg, train=True)),
+        )
+        try:
+            result = trainer.fit()
+        except Exception as e:  # noqa: BLE001 - turned into one line; the traceback goes to a file
+            console.progress.close()
+            if held.lost_to is not None:
+                raise RunFailedError(lost_lease(rundir, held)) from e
+            if controller_died(e) and restarts.allowed(cfg.scaling.max_failures, restarted):
+                restarted += 1
+                print(f"raysft: {controller_line(e, rundir)}: restarting the run from it "
+                      f"({restarted} of scaling.max_failures={cfg.scaling.max_failures})", flush=True)
+                continue
+            failure = with_kept_model(explain(e, save_traceback(e, rundir)), rundir, started_unix)
+            if controller_died(e):
+                failure = Failure(failure.code, f"{controller_line(e, rundir)} — run the same command to resume from it")
+            attempt.end("failed", _newest_step(rundir), error=failure.line)
+            upload_console_log(rundir, driver_log)
+            raise RunFailedError(failure) from e
         console.progress.close()
-        failure = with_kept_model(explain(e, save_traceback(e, rundir)), rundir, started_unix)
-        upload_console_log(rundir, driver_log)
-        raise RunFailedError(failure) from e
-    console.progress.close()
-    t = cfg.trainer
+        if held.lost_to is not None:
+            raise RunFailedError(lost_lease(rundir, held))
+        end = read_end(rundir)
+        if end.get("reason") == "stopped":
+            step = end["step"]
+            attempt.end(f"stopped by {end.get('signal') or stop.signal}", step)
+            upload_console_log(rundir, driver_log)
+            last = rundir.latest_checkpoint()
+            where = f"checkpoint at step {last.step} in {last.uri}" if last else "no checkpoint"
+            raise RunStopped(exit_code(stop.signal or end.get("signal") or "SIGTERM"),
+                             f"stopped at step {step} ({where}) — run the same command to resume")
+        if end.get("reason") == "anomaly":
+            loop = anomalies.handle(end, rundir, cfg, loop, attempt)  # raises RunFailedError unless it rolls back
+            upload_console_log(rundir, driver_log)
+            continue
+        break
+    removed = end.get("removed_checkpoints", 0)
     for uri in rundir.apply_retention(keep=t.save_total_limit, score_key=t.metric_for_best_model,
                                       greater_is_better=t.greater_is_better):
-        print(f"raysft: removed checkpoint {uri} (retention, or an upload that never completed)", flush=True)
+        log.info("raysft: removed checkpoint %s (retention, or an upload that never completed)", uri, extra=logs.LOG_ONLY)
+        removed += 1
+    if removed:
+        print(f"raysft: retention removed {logs.count(removed, 'checkpoint')} (trainer.save_total_limit="
+              f"{t.save_total_limit}; each is named in {RunDir.LOGS}/)", flush=True)
     summary = summaries.summarize(rundir, time.perf_counter() - started)
     print(f"raysft: {logs.count(summary['steps'], 'step')}, {summary['tokens']:,.0f} tokens in {summary['wall_time_s']:.0f} s "
           f"({_round(summary['tokens_per_s'], 1)} tokens/s); train loss {_round(summary['first_train_loss'])} -> "
           f"{_round(summary['final_train_loss'])}, eval loss {_round(summary['final_eval_loss'])}", flush=True)
+    attempt.end("finished", summary["steps"])
     print(f"raysft: done. Run directory: {rundir.uri} (logs in {RunDir.LOGS}/)", flush=True)
     upload_console_log(rundir, driver_log)
     return RunResult(rundir.uri, d.max_steps, stats, dict(result.metrics or {}))
+
+
+class _OwnSignals(TorchTrainer):
+    """NOTE: Ray Train's ``fit()`` installs a SIGINT handler that aborts the run at once, with no
+    checkpoint; the driver's own (run/stop.py) checkpoints at the end of the current step first."""
+
+    def _register_sigint_handler(self, controller) -> None:
+        pass
+
+
+def choose_checkpoint(rundir: RunDir, init_checkpoint: str | None) -> ckpts.Choice:
+    """The checkpoint the run resumes from: its own newest one whose checksums pass in storage (each
+    corrupted one named and skipped), else ``resume=<uri>``'s, checked the same way."""
+    choice = ckpts.latest_verified(rundir.uri)
+    if choice.chosen is None and not choice.corrupt and init_checkpoint:
+        info = ckpts.inspect(init_checkpoint)
+        bad = ckpts.verify_stored(info)
+        if bad:
+            raise ckpts.CorruptCheckpointError(f"checkpoint {init_checkpoint} (resume=) is corrupt: {bad[0]} — "
+                                               "resume from another checkpoint")
+        choice = ckpts.Choice(info, [], bad is None)
+    for line in choice.lines():
+        print(f"raysft: {line}", flush=True)
+    choice.raise_if_none_left(rundir.uri)
+    return choice
+
+
+def read_end(rundir: RunDir) -> dict[str, Any]:
+    """How the group ended (``workers/end.json``, rank 0): finished, stopped (a signal) or an anomaly."""
+    uri = rundir.file(RunDir.END)
+    return json.loads(files.read_bytes(uri)) if files.exists(uri) else {}
+
+
+def controller_died(e: BaseException) -> bool:
+    """Ray Train's controller actor died (its process killed, its node lost): ``fit()`` raises Ray's own
+    actor error, not a training failure (a worker's error comes wrapped in ``TrainingFailedError``)."""
+    return isinstance(e, ray.exceptions.RayActorError)
+
+
+def controller_line(e: BaseException, rundir: RunDir) -> str:
+    last = rundir.latest_checkpoint()
+    where = f"step {last.step} ({last.uri})" if last else "none yet"
+    return f"Ray Train's controller process died ({type(e).__name__}); the newest complete checkpoint is {where}"
+
+
+def lost_lease(rundir: RunDir, held: Lease) -> Failure:
+    return Failure(EXIT_LEASE, f"run {rundir.name} was taken over by {held.lost_to.holder} (this driver's lease had gone "
+                               "unrenewed): this driver stopped its workers and wrote nothing more")
+
+
+def _newest_step(rundir: RunDir) -> int | None:
+    try:
+        last = rundir.latest_checkpoint()
+    except Exception:  # noqa: BLE001 - storage may be what failed
+        return None
+    return last.step if last else None
 
 
 def worker_env(cfg: RaySFTConfig) -> dict[str, str]:
@@ -218,7 +339,7 @@ def save_traceback(e: BaseException, rundir: RunDir) -> str | None:
     return path
 
 
-def checkpoint_config(cfg: RaySFTConfig) -> CheckpointConfig:
+def checkpoint_config() -> CheckpointConfig:
     """Ray Train keeps every checkpoint it registers: raysft applies ``trainer.save_total_limit`` /
     ``metric_for_best_model`` itself (``storage.checkpoints.apply_retention``), because Ray would
     count an abandoned upload as a checkpoint and delete the last complete one for it."""

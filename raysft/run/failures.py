@@ -8,6 +8,10 @@ the full traceback goes to a file the line names.
     4  storage unreachable past storage.retry_timeout_s (what was kept locally is named)
     5  the data stopped arriving (scaling.data_timeout_s)
     6  out of memory
+    7  no checkpoint to resume from passes its checksums (each corrupted one is named)
+    8  stopped by the loss-spike guard (trainer.anomaly: the step, the loss, the last good checkpoint)
+    9  the run is written by another driver (its lease is live), or another driver took it over
+    130, 143  stopped by SIGINT / SIGTERM (a checkpoint at that step unless sent twice)
 """
 
 from __future__ import annotations
@@ -22,16 +26,27 @@ import ray
 from raysft.data.pipeline import DataQualityError
 from raysft.data.shards import DataStallError
 from raysft.logs import Tee
+from raysft.storage.checkpoints import CorruptCheckpointError
+from raysft.storage.lease import LeaseHeldError
 from raysft.storage.retry import StorageUnavailableError
 from raysft.storage.rundir import RunDir
 
 EXIT_WORKER, EXIT_CONFIG, EXIT_DATA, EXIT_STORAGE, EXIT_STALL, EXIT_OOM = 1, 2, 3, 4, 5, 6
+EXIT_CORRUPT, EXIT_ANOMALY, EXIT_LEASE = 7, 8, 9
 
 
 @dataclass(frozen=True)
 class Failure:
     code: int
     line: str
+
+
+class RunStopped(Exception):
+    """The run stopped as asked (a signal): ``line`` is what the command line prints, ``code`` its exit code."""
+
+    def __init__(self, code: int, line: str):
+        super().__init__(line)
+        self.code, self.line = code, line
 
 
 class RunFailedError(RuntimeError):
@@ -52,6 +67,10 @@ def one_line(e: BaseException) -> tuple[int, str]:
         return EXIT_DATA, f"data quality check failed: {first}"
     if isinstance(e, StorageUnavailableError):
         return EXIT_STORAGE, f"{first} — check storage.path, the endpoint and credentials (AWS_*)"
+    if isinstance(e, CorruptCheckpointError):
+        return EXIT_CORRUPT, first
+    if isinstance(e, LeaseHeldError):
+        return EXIT_LEASE, first
     if isinstance(e, (ValueError, FileNotFoundError)) or type(e).__name__ in ("ModelNotAvailableError", "PreflightError", "DoesNotFitError"):
         return EXIT_CONFIG, first
     return explain(e, None).code, explain(e, None).line
@@ -106,6 +125,8 @@ def explain(e: BaseException, log_file: str | None) -> Failure:
     text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
     if isinstance(cause, StorageUnavailableError):
         return Failure(EXIT_STORAGE, f"{text}{logs}")
+    if isinstance(cause, CorruptCheckpointError):
+        return Failure(EXIT_CORRUPT, f"{text}{logs}")
     if isinstance(cause, DataStallError):
         return Failure(EXIT_STALL, f"{at + ': ' if at else ''}{text}{logs}")
     if isinstance(cause, DataQualityError):

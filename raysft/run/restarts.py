@@ -40,3 +40,8 @@ def survives(cfg: RaySFTConfig) -> str:
     else:
         parts.append(f"workers: fixed {s.num_workers}")
     return "; ".join(parts)
+
+
+def allowed(max_failures: int, used: int) -> bool:
+    """Another restart within ``scaling.max_failures`` (-1: unlimited)?"""
+    return max_failures == -1 or used < max_failures

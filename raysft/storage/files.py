@@ -11,7 +11,9 @@ import functools
 import os
 import re
 import tempfile
+import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -19,8 +21,10 @@ import boto3
 import pyarrow.fs as pafs
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
 from raysft.config.secrets import SECRET_ENV
+from raysft.storage import checksums
 from raysft.storage.retry import one_sdk_attempt, retrying
 
 
@@ -84,16 +88,71 @@ def join(uri: str, *parts: str) -> str:
 
 
 def write_bytes(uri: str, data: bytes, *, timeout_s: float | None = None) -> None:
-    """Write a whole object (an object store publishes it only complete; retried as a whole, for
-    ``timeout_s``, default ``storage.retry_timeout_s``)."""
+    """Write a whole object, never half of it (an object store publishes an upload only complete; a
+    local file is written aside and renamed); retried as a whole, for ``timeout_s``, default
+    ``storage.retry_timeout_s``."""
     fs, path = filesystem(uri)
+    local = isinstance(fs, pafs.LocalFileSystem)
 
     def put() -> None:
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(path) as f:
+        target = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}" if local else path
+        with fs.open_output_stream(target) as f:
             f.write(data)
+        if local:
+            os.replace(target, path)
 
     retrying(f"write {uri}", put, timeout_s=timeout_s)
+
+
+def write_verified(uri: str, data: bytes) -> str:
+    """``write_bytes`` that returns the data's checksum; on S3 the upload carries it, so S3 refuses
+    bytes that did not arrive intact and keeps the checksum for ``checksums.stored``."""
+    crc = checksums.of_bytes(data)
+    if not uri.startswith("s3://"):
+        write_bytes(uri, data)
+        return crc
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    client = s3_client()
+    retrying(f"write {uri}", lambda: client.put_object(Bucket=bucket, Key=key, Body=data, ChecksumAlgorithm="CRC32",
+                                                       ChecksumCRC32=checksums.to_s3(crc)))
+    return crc
+
+
+def s3_client(max_pool_connections: int = 24):
+    """A boto3 S3 client with the same endpoint and credential chain as the pyarrow filesystem (AWS_*),
+    one SDK attempt per call (SDK_RETRIES). NOTE: boto3 where pyarrow has no equivalent: uploads with
+    checksums, conditional writes, HEAD with checksums."""
+    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
+                        config=Config(max_pool_connections=max_pool_connections, retries=SDK_RETRIES))
+
+
+def s3_head(bucket: str, key: str) -> dict | None:
+    """HeadObject with the stored checksum (``ChecksumMode=ENABLED``); None when there is no such object."""
+    client = s3_client(4)
+
+    def head() -> dict | None:
+        try:
+            return client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    return retrying(f"stat s3://{bucket}/{key}", head)
+
+
+def s3_stream_crc32(bucket: str, key: str) -> str:
+    """The CRC32 of an object's bytes, read through once (for objects S3 holds no whole-object CRC32 for)."""
+    client = s3_client(4)
+
+    def read() -> str:
+        crc = 0
+        for chunk in client.get_object(Bucket=bucket, Key=key)["Body"].iter_chunks(8 << 20):
+            crc = zlib.crc32(chunk, crc)
+        return f"{crc:08x}"
+
+    return retrying(f"read s3://{bucket}/{key}", read)
 
 
 def read_bytes(uri: str) -> bytes:
@@ -141,12 +200,15 @@ def _never() -> bool:
     return False
 
 
-def upload_dir(local_dir: str | Path, uri: str, *, stop: Callable[[], bool] = _never) -> None:
+def upload_dir(local_dir: str | Path, uri: str, *, stop: Callable[[], bool] = _never,
+               known: dict[str, str] | None = None) -> None:
     """Copy a local directory tree to ``uri`` (local or remote), its manifests last, each file
     retried through a storage outage. ``stop()`` is asked between files (and while S3 parts are in
-    flight): True ends the upload with ``UploadStopped``, before any manifest is sent."""
+    flight): True ends the upload with ``UploadStopped``, before any manifest is sent. On S3 every
+    file goes with its CRC32 (``known``: relative path -> checksum already computed, e.g. a manifest's;
+    the others are computed here), which S3 verifies on receipt."""
     if uri.startswith("s3://"):
-        return _upload_dir_s3(Path(local_dir), uri, stop)
+        return _upload_dir_s3(Path(local_dir), uri, stop, known or {})
     fs, path = filesystem(uri)
     local = Path(local_dir)
     retrying(f"mkdir {uri}", lambda: fs.create_dir(path, recursive=True))
@@ -164,16 +226,16 @@ def upload_dir(local_dir: str | Path, uri: str, *, stop: Callable[[], bool] = _n
         retrying(f"upload {p.name} to {uri}", copy)
 
 
-def _upload_dir_s3(local_dir: Path, uri: str, stop: Callable[[], bool]) -> None:
+def _upload_dir_s3(local_dir: Path, uri: str, stop: Callable[[], bool], known: dict[str, str]) -> None:
     """S3 uploads through s3transfer, as ``aws s3 cp --recursive`` does: multipart, several parts in flight.
 
     NOTE: not pyarrow: its S3 uploads must run single-threaded (see upload_dir), which measured 2.5x
     slower than this on a 1.2 GB checkpoint (bench/checkpoint.py). Same credentials chain (AWS_*)."""
     bucket, _, prefix = uri[len("s3://"):].partition("/")
-    client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
-                          config=Config(max_pool_connections=24, retries=SDK_RETRIES))
+    client = s3_client()
     config = TransferConfig(max_concurrency=20)  # 8 MB parts (s3transfer default), 20 in flight
     found = [p for p in sorted(local_dir.rglob("*")) if p.is_file()]
+    crcs = {p: known.get(p.relative_to(local_dir).as_posix()) or checksums.of_file(p) for p in found}
 
     def key(p: Path) -> str:
         return "/".join(x for x in (prefix.rstrip("/"), p.relative_to(local_dir).as_posix()) if x)
@@ -182,11 +244,12 @@ def _upload_dir_s3(local_dir: Path, uri: str, stop: Callable[[], bool]) -> None:
         for batch in ([p for p in found if not LAST.match(p.name)], [p for p in found if LAST.match(p.name)]):
             if batch:
                 what = f"upload {batch[0].name} to {uri}" if len(batch) == 1 else f"upload {len(batch)} files to {uri}"
-                retrying(what, _all_sent(manager, batch, bucket, key, stop))
+                retrying(what, _all_sent(manager, batch, bucket, key, stop, crcs))
             # (leaving the manager's block on UploadStopped cancels the transfers still in flight)
 
 
-def _all_sent(manager, batch: list[Path], bucket: str, key: Callable[[Path], str], stop: Callable[[], bool]):
+def _all_sent(manager, batch: list[Path], bucket: str, key: Callable[[Path], str], stop: Callable[[], bool],
+              crcs: dict[Path, str]):
     """A callable that sends every file of ``batch`` in parallel and, on each later call (each retry),
     sends again, together, only those whose transfer failed; it raises the first failure, and
     ``UploadStopped`` as soon as ``stop()``. One retry loop for the batch: after an outage the failed
@@ -194,7 +257,7 @@ def _all_sent(manager, batch: list[Path], bucket: str, key: Callable[[Path], str
     pending = list(batch)
 
     def attempt() -> None:
-        futures = {p: manager.upload(str(p), bucket, key(p)) for p in pending}
+        futures = {p: manager.upload(str(p), bucket, key(p), extra_args=checksums.s3_upload_args(crcs[p])) for p in pending}
         while not all(f.done() for f in futures.values()):
             if stop():
                 raise UploadStopped(key(pending[0]))

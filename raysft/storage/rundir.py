@@ -4,6 +4,9 @@
     data_stats.json            rows, tokens, drops and packing of the run's data
     metrics.jsonl              one line per logging step / evaluation / sample generation
     train_summary.json         what the workers report at the end of training
+    attempts.jsonl             one line per attempt (driver): start, end, steps trained, why it ended
+    anomalies.jsonl            loss spikes / non-finite values found, and what was done (rows skipped)
+    lease.json                 the driver writing the run (``storage/lease.py``)
     summary.json, loss.png     the driver's end-of-run summary and loss curve
     model/                     the final model (Hugging Face format)
     workers/rank_<r>.json      what each worker consumed and how it was wrapped
@@ -71,6 +74,10 @@ class RunDir(_NamedDir):
     LOGS = "logs"
     RAY_REGISTRY = "checkpoint_manager_snapshot.json"  # Ray Train V2's checkpoint registry (its file name)
     TRACKERS = "trackers"
+    LEASE = "lease.json"  # the driver that writes the run (storage/lease.py)
+    ATTEMPTS = "attempts.jsonl"  # one line per attempt: start, end, steps, why it ended
+    ANOMALIES = "anomalies.jsonl"  # loss spikes and what was done about them (rows skipped by a rollback)
+    END = "workers/end.json"  # how the last group ended (rank 0), read by its driver
 
     @property
     def local_path(self) -> str | None:

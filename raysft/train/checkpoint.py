@@ -18,8 +18,9 @@ from pathlib import Path
 import ray.train
 from transformers import TrainerCallback
 
+from raysft.logs import LOG_ONLY
 from raysft.storage import files
-from raysft.storage.checkpoints import write_manifest
+from raysft.storage.checkpoints import manifest_checksums, write_manifest, write_state
 from raysft.storage.retry import StorageUnavailableError
 from raysft.storage.rundir import RunDir
 
@@ -54,6 +55,7 @@ class RayCheckpointCallback(TrainerCallback):
         self.failed_in_a_row = 0
         self.urgent_step: int | None = None  # a preemption checkpoint's step (see ``put_first``)
         self.synced: list = []  # SyncedFiles brought up to date in storage after each checkpoint upload
+        self.removed = 0  # checkpoints this rank deleted by retention
 
     def put_first(self, step: int) -> None:
         """A preemption notice: checkpoint ``step`` is taken now and must reach storage before the
@@ -70,7 +72,8 @@ class RayCheckpointCallback(TrainerCallback):
         extra = self.state_fn(state) if self.rank == 0 else {}
         if self.rank == 0 and self.retention.score_key:
             extra["score"] = self.last_eval.get(self.retention.score_key)
-        write_manifest(ckpt, self.rank, self.world_size, {"world_size": self.world_size, **extra})
+        if self.rank == 0:
+            write_state(ckpt, {"world_size": self.world_size, **extra})
         metrics = {"global_step": state.global_step, "checkpoint_step": state.global_step, **self.last_eval}
         # ASYNC: training goes on while the upload runs (the stall is the local save); Ray registers the
         # checkpoint, then deletes the local copy, once the upload is done. A worker dying mid-upload
@@ -82,8 +85,11 @@ class RayCheckpointCallback(TrainerCallback):
     def _upload(self, checkpoint, checkpoint_dir_name: str):
         dest = self.run.file(checkpoint_dir_name)
         step = int(Path(checkpoint.path).name.rsplit("-", 1)[-1])  # the Trainer's folder is checkpoint-<step> (on_save)
+        # The manifest (sizes and checksums) on this thread: hashing the shards does not stall training.
+        write_manifest(checkpoint.path, self.rank, self.world_size)
         try:
-            files.upload_dir(checkpoint.path, dest, stop=lambda: (self.urgent_step or 0) > step)
+            files.upload_dir(checkpoint.path, dest, stop=lambda: (self.urgent_step or 0) > step,
+                             known=manifest_checksums(checkpoint.path))
         except files.UploadStopped:
             log.warning("raysft: upload of checkpoint %s (step %d) stopped: the preemption checkpoint at step %d goes "
                         "first; the partial copy has no manifest and is deleted at the next resume", checkpoint_dir_name,
@@ -101,7 +107,9 @@ class RayCheckpointCallback(TrainerCallback):
             if self.rank == 0:
                 r = self.retention
                 for uri in self.run.apply_retention(keep=r.keep, score_key=r.score_key, greater_is_better=r.greater_is_better):
-                    log.info("raysft: removed checkpoint %s (retention: trainer.save_total_limit=%d)", uri, r.keep)
+                    self.removed += 1  # the console gets one count at the end of the run
+                    log.info("raysft: removed checkpoint %s (retention: trainer.save_total_limit=%d)", uri, r.keep,
+                             extra=LOG_ONLY)
         # Ray checks the checkpoint lives on its own storage filesystem (ours retries Ray's calls too).
         storage = ray.train.get_context().get_storage()
         return ray.train.Checkpoint(path=files.filesystem(dest)[1], filesystem=storage.storage_filesystem)

@@ -3,6 +3,7 @@ uploads that must not lose the model (and those that may be lost with a warning)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import socket
@@ -27,6 +28,16 @@ class StepNow(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step = state.global_step
+
+
+def why_ended(control, guard) -> dict | None:
+    """The end record of a group that stopped before its last step (None when it trained them all):
+    a stop the driver asked for (a signal), or an anomaly (``trainer.anomaly``)."""
+    if guard.tripped is not None:
+        return {"reason": "anomaly", "step": guard.tripped.step, "anomaly": dataclasses.asdict(guard.tripped)}
+    if control.stopped_at is not None:
+        return {"reason": "stopped", "step": control.stopped_at, "signal": control.signal}
+    return None
 
 
 def final_eval(trainer) -> dict[str, float]:

@@ -32,6 +32,11 @@ class LoopConfig:
     prepared_uri: str = ""  # the prepared data set the workers read (raysft/data/prepared.py)
     save_steps: float = 0  # 0 = no checkpoints; < 1 = a fraction of max_steps (as the recipes)
     init_checkpoint: str | None = None  # `resume=<uri>`: start from another run's checkpoint
+    verified_checkpoint: str | None = None  # the checkpoint the driver chose and verified just before
+    corrupt_checkpoints: tuple[str, ...] = ()  # checkpoints the driver found corrupt (not checked again)
+    data_skips: tuple[tuple[int, int], ...] = ()  # global-order ranges never trained (rollbacks: anomalies.jsonl)
+    rollbacks_left: int = 0  # trainer.anomaly.max_rollbacks less those the run has made
+    lease_token: str | None = None  # the driver's lease (storage/lease.py): the workers stop when it is not
     # Every logging step to ray.train.report: only a sweep reads them (Ray Tune); otherwise each report
     # is a cross-rank barrier per step for nothing (bench/train_overhead.py: ~0.7 s of a 2 s CPU step).
     report_metrics: bool = False

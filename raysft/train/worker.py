@@ -12,9 +12,9 @@ import time
 from typing import Any
 
 import datasets
+import numpy as np
 import ray.train
 import torch
-import torch.distributed as dist
 from transformers import PrinterCallback, TrainerState
 from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
 from transformers.utils import logging as hf_logging
@@ -27,7 +27,6 @@ from raysft.config.derived import grad_accum_for
 from raysft.config.secrets import without_secrets
 from raysft.data.prepared import open_prepared
 from raysft.data.shards import RowStream
-from raysft.storage import checkpoints as ckpts
 from raysft.storage import files
 from raysft.storage import retry
 from raysft.storage.retry import unsaved_dir
@@ -39,12 +38,15 @@ from raysft.train.deepspeed import deepspeed_config, patch_accelerate_for_cpu_de
 from raysft.train import trackers
 from raysft.train.metrics import MetricsCallback, SampleCallback
 from raysft.train.preemption import PreemptionCallback
+from raysft.train.anomaly import AnomalyGuard
+from raysft.train.control import RunControl
 from raysft.train.batches import EvalBatches, TrainBatches, batch_audit
 from raysft.train import finish
 from raysft.train.finish import StepNow, best_effort, upload_final_model
 from raysft.train.steptimer import DataWait, StepTimer
 from raysft.train.trainer import RaySFTTrainer
-from raysft.train.loop import LoopConfig, check_world_size
+from raysft.train.loop import LoopConfig
+from raysft.train.resume import broadcast, restore
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +164,7 @@ def run_worker(loop_config: dict[str, Any]) -> None:
     grad_accum = grad_accum_for(cfg, world)
 
     # ---------------------------------------------------------------- resume point
-    resume_dir, restored = _restore(lc, cfg, scratch, rank, world)
+    resume_dir, restored = restore(lc, cfg, scratch, rank, world)
     step0 = int(restored.get("global_step", 0))
     # The data cursor: how many positions of the global row order the run has consumed.
     cursor0 = int((restored.get("data_cursor") or {}).get("global_row", 0))
@@ -170,10 +172,10 @@ def run_worker(loop_config: dict[str, Any]) -> None:
     # ---------------------------------------------------------------- data
     # Every worker reads its own round-robin share of the prepared rows straight from storage.
     rows = open_prepared(lc.prepared_uri).rows()
-    session = _broadcast(time.time_ns() // 1000)  # tells this attempt's lines apart in the audit log
+    session = broadcast(time.time_ns() // 1000)  # tells this attempt's lines apart in the audit log
     audit = batch_audit(cfg.monitor.log_batch_hashes, rundir, scratch, rank, session)
     stream = RowStream(rows, rank=rank, world=world, batch=batch, start=cursor0, seed=cfg.trainer.seed,
-                       timeout_s=cfg.scaling.data_timeout_s)
+                       timeout_s=cfg.scaling.data_timeout_s, skips=[tuple(r) for r in lc.data_skips])
     train_batches = TrainBatches(stream, grad_accum=grad_accum, first_step=step0, on_batch=audit.write if audit else None)
     eval_batches = (EvalBatches(rows, rank=rank, world=world, batch_size=batch, timeout_s=cfg.scaling.data_timeout_s)
                     if lc.has_eval else None)
@@ -221,12 +223,19 @@ def run_worker(loop_config: dict[str, Any]) -> None:
     saver.synced = [metrics_file, worker_log, *([audit.synced] if audit else [])]
     preempt.after_record = metrics_file.try_push
     step_now = StepNow()
+    # The driver's word through the lease (a signal: checkpoint and stop; another driver: stop), and
+    # the loss-spike guard (trainer.anomaly).
+    control = RunControl(rundir.uri, lc.lease_token, rank=rank, world=world)
+    a = cfg.trainer.anomaly
+    guard = AnomalyGuard(policy=a.policy if lc.rollbacks_left or a.policy != "rollback" else "stop", factor=a.loss_factor,
+                         window=a.window, min_history=a.min_history, rank=rank,
+                         metrics_path=metrics.path if rank == 0 else None, first_step=step0)
     fed = DataWait(train_batches) if cfg.monitor.step_breakdown else train_batches
     timer = [StepTimer(fed, metrics.path, rank)] if cfg.monitor.step_breakdown else []
     trainer = RaySFTTrainer(
         model=net, args=args, train_dataset=placeholder, eval_dataset=placeholder if lc.has_eval else None,
         processing_class=tokenizer, peft_config=models.lora_config(cfg.peft) if cfg.peft.enabled else None,
-        callbacks=[metrics, samples, saver, preempt, step_now, *timer], train_batches=fed, eval_batches=eval_batches,
+        callbacks=[metrics, guard, samples, saver, preempt, control, step_now, *timer], train_batches=fed, eval_batches=eval_batches,
         source_names=lc.source_names,
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict raw; metrics.py prints one line per step
@@ -250,10 +259,31 @@ def run_worker(loop_config: dict[str, Any]) -> None:
         else:
             result = trainer.train(resume_from_checkpoint=resume_dir)
             train_loss, train_runtime = result.training_loss, result.metrics.get("train_runtime")
-        final_eval = finish.final_eval(trainer) if lc.has_eval else {}
+        ended = finish.why_ended(control, guard)
+        final_eval = finish.final_eval(trainer) if lc.has_eval and ended is None else {}
     except Exception as e:
         e.add_note(f"raysft: rank {rank}, step {step_now.step}")  # named in the one-line error
         raise
+
+    if control.lost:
+        return  # another driver owns the run now: nothing more is written
+    if ended is not None:
+        # Stopped early (a signal, an anomaly): the checkpoint (if any) is the record; no final model.
+        rows_per_step = grad_accum * batch * world
+
+        def raw(step: int) -> int:  # the global-order position after `step` steps
+            return int(stream.raw(np.array([cursor0 + (step - step0) * rows_per_step]))[0])
+
+        if rank == 0:
+            ended["removed_checkpoints"] = saver.removed
+            if guard.tripped is not None:
+                ended["skip_rows"] = [raw(guard.tripped.first_step - 1), raw(guard.tripped.step)]
+            best_effort(lambda: files.write_bytes(rundir.file(RunDir.END), json.dumps(ended).encode()), "the end record")
+            best_effort(metrics_file.push, "metrics")
+        if audit:
+            best_effort(audit.finish, "the batch audit log")
+        best_effort(worker_log.push, "the worker log")
+        return
 
     # ---------------------------------------------------------------- save
     model_dir = os.path.join(scratch, RunDir.MODEL)
@@ -265,7 +295,10 @@ def run_worker(loop_config: dict[str, Any]) -> None:
                    "train_runtime_s": train_runtime, "num_tokens": trainer._total_train_tokens,
                    "rows_consumed_rank0": train_batches.rows_consumed, "resumed_from_step": step0, **final_eval}
         upload_final_model(model_dir, rundir)
-        files.write_bytes(rundir.file(RunDir.TRAIN_SUMMARY), json.dumps(summary, indent=1).encode())
+        if trainer.state.global_step > step0 or not rundir.has(RunDir.TRAIN_SUMMARY):
+            # An attempt that trained nothing (the run was already at its last step) keeps the record.
+            files.write_bytes(rundir.file(RunDir.TRAIN_SUMMARY), json.dumps(summary, indent=1).encode())
+        best_effort(lambda: files.write_bytes(rundir.file(RunDir.END), json.dumps({"reason": "finished", "step": trainer.state.global_step, "removed_checkpoints": saver.removed}).encode()), "the end record")
         best_effort(metrics_file.push, "metrics")
     if audit:
         best_effort(audit.finish, "the batch audit log")
@@ -277,32 +310,6 @@ def run_worker(loop_config: dict[str, Any]) -> None:
     }).encode()
     best_effort(lambda: files.write_bytes(rundir.worker_record(rank), record), f"workers/rank_{rank}.json")
     best_effort(worker_log.push, "the worker log")
-
-
-def _restore(lc: LoopConfig, cfg: RaySFTConfig, scratch: str, rank: int, world: int) -> tuple[str | None, dict[str, Any]]:
-    """(local checkpoint folder, raysft state) to resume from; (None, {}) on a fresh start.
-
-    Rank 0 chooses, from storage: the newest complete checkpoint of this run (after a restart or a
-    re-run under the same name; newer than Ray's registered one when Ray lost track of an upload),
-    else ``resume=<uri>``'s. Incomplete uploads are deleted. Every rank then fetches and verifies it."""
-    rundir = RunDir(lc.run_root, lc.run_name)
-    chosen = None
-    if rank == 0:
-        found = rundir.checkpoints()  # one listing of storage for both
-        rundir.remove_incomplete(found)
-        latest = rundir.latest_checkpoint(found)
-        chosen = latest.uri if latest else lc.init_checkpoint
-    chosen = _broadcast(chosen)
-    if chosen is None:
-        return None, {}
-    local = str(files.download_dir(chosen, os.path.join(scratch, "resume")))
-    ok, why = ckpts.verify(local)
-    if not ok:
-        raise RuntimeError(f"checkpoint {chosen} is incomplete ({why}); it cannot be resumed from. "
-                           "Delete it from storage to resume from the previous one.")
-    state = ckpts.read_state(local)
-    check_world_size(state.get("world_size"), world, cfg, chosen)
-    return local, state
 
 
 def _continue_tracker_runs(cfg: RaySFTConfig, rundir: RunDir, scratch: str, rank: int) -> tuple[str, str | None]:
@@ -325,15 +332,6 @@ def _alone() -> None:
     DeepSpeed needs them, so a DeepSpeed run keeps them."""
     for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK"):
         os.environ.pop(key, None)
-
-
-def _broadcast(obj: Any) -> Any:
-    """Rank 0's value on every rank (Ray Train has set up the torch process group)."""
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _quiet_ray_reports() -> None:

@@ -1,0 +1,65 @@
+"""Stop on a signal: SIGINT (Ctrl-C) or SIGTERM (``ray job stop``, Kubernetes) on the driver.
+
+The first one asks the workers, through the run's lease (``storage/lease.py``), to checkpoint at the
+end of the current step and stop; the run then ends with one line, ``raysft: stopped at step N
+(checkpoint ...) — run the same command to resume``, exit 130 / 143. A second one stops at once,
+without a checkpoint, and says so.
+
+NOTE: Ray Train's ``fit()`` installs its own SIGINT handler, which aborts the run at once (no
+checkpoint); the driver's trainer skips it (``run/driver.py``). Handlers can only be installed from
+the main thread: a sweep trial (a Tune thread) has none, and Tune handles the sweep's Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from raysft.storage.lease import Lease
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopNow(BaseException):
+    """The second signal: stop at once. A BaseException, so that no library's ``except Exception``
+    swallows it on the way out of ``fit()``."""
+
+    def __init__(self, signame: str):
+        super().__init__(signame)
+        self.signame = signame
+
+
+def exit_code(signame: str) -> int:
+    return 128 + signal.Signals[signame].value
+
+
+class SignalStop:
+    """Installed around a run (a context manager): ``signal`` is the first signal's name once one came."""
+
+    def __init__(self, lease: Lease):
+        self.lease = lease
+        self.signal: str | None = None
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> "SignalStop":
+        if threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._old)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signal is not None:
+            raise StopNow(name)
+        self.signal = name
+        self.lease.request_stop(name)
+        print(f"raysft: {name}: stopping at the end of the current step, after a checkpoint (send it again to stop "
+              "at once, without one)", flush=True)
