@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -139,3 +140,74 @@ def test_zero3_checkpoint_on_another_world_size_fails_before_ray_starts(tmp_path
     _fake_checkpoint(tmp_path / "z3", "checkpoint_2026-01-01_00-00-01", 4, world=2)
     with pytest.raises(RuntimeError, match="written by 2 workers and this run has 1: DeepSpeed ZeRO-3"):
         driver.run(compose(f"storage.path={tmp_path}", "storage.name=z3", "deepspeed=zero3", "scaling.num_workers=1"))
+
+
+# ----------------------------------------------------------------------------- checksums (bytes flipped for real)
+
+
+def _flip(data: bytes, n: int = 4096) -> bytes:
+    """``n`` bytes inverted in the middle, the size unchanged (what a manifest's sizes cannot see)."""
+    b = bytearray(data)
+    n = min(n, len(b) // 2)
+    mid = len(b) // 2 - n // 2
+    b[mid:mid + n] = bytes(x ^ 0xFF for x in b[mid:mid + n])
+    return bytes(b)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_checkpoint_with_flipped_bytes_is_skipped_for_the_previous_one(where, s3_bucket, tmp_path):
+    """4 KB flipped (same size) in the newest checkpoint's shard, on disk or in S3 (the object written
+    again, as a faulty copy would): it is named with both checksums and passed over for the previous
+    complete one; all of them corrupted: one error; a checkpoint from an older raysft (no checksums)
+    resumes with one line saying it cannot be verified; a download that does not match fails verify."""
+    from raysft.storage import checksums, files
+
+    client, bucket = s3_bucket
+    src = tmp_path / "src"
+    run = str(tmp_path / "run") if where == "local" else f"s3://{bucket}/flipped/run"
+    names = {2: "checkpoint_2026-01-01_00-00-02", 4: "checkpoint_2026-01-01_00-00-04", 6: "checkpoint_2026-01-01_00-00-06"}
+    for step, name in names.items():
+        files.upload_dir(_fake_checkpoint(src, name, step, size=64 << 10), files.join(run, name))
+
+    def flip(step: int, file: str) -> tuple[str, str]:
+        rel = f"{names[step]}/{file}"
+        if where == "local":
+            p = tmp_path / "run" / rel
+            good = p.read_bytes()
+            p.write_bytes(_flip(good))
+        else:
+            key = f"flipped/run/{rel}"
+            good = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            client.put_object(Bucket=bucket, Key=key, Body=_flip(good))
+        return checksums.of_bytes(good), checksums.of_bytes(_flip(good))
+
+    assert ckpts.latest_verified(run).chosen.step == 6 and all(c.checksums for c in ckpts.scan(run))
+    if where == "s3":  # S3 holds each file's CRC32 as sent (checked on receipt): no download to compare
+        assert checksums.stored(files.join(run, names[6], "shard_0.pt")) == checksums.of_file(src / names[6] / "shard_0.pt")
+    want, got = flip(6, "shard_0.pt")
+    choice = ckpts.latest_verified(run)
+    assert choice.chosen.step == 4 and [c.step for c, _ in choice.corrupt] == [6]
+    (line,) = choice.lines()
+    assert "shard_0.pt" in line and want in line and got in line and "step 4" in line, line
+    assert ckpts.scan(run)[-1].complete  # the sizes alone would have taken it
+
+    flip(4, "raysft_state.json"), flip(2, "shard_1.pt")
+    choice = ckpts.latest_verified(run)
+    assert choice.chosen is None and len(choice.corrupt) == 3
+    with pytest.raises(ckpts.CorruptCheckpointError, match="every complete checkpoint .* failed its checksums"):
+        choice.raise_if_none_left(run)
+
+    # A download that arrives with other bytes than its manifest says fails the check.
+    got_dir = files.download_dir(files.join(run, names[6]), tmp_path / "dl") if where == "s3" else tmp_path / "run" / names[6]
+    ok, why = ckpts.verify(got_dir)
+    assert not ok and "shard_0.pt" in why and want in why
+
+    # Written by an older raysft (sizes only): resumed, with one line that it cannot be verified.
+    old = tmp_path / "old" / "checkpoint_2026-01-01_00-00-08"
+    _fake_checkpoint(tmp_path / "old", old.name, 8)
+    for m in old.glob("raysft_manifest_rank*.json"):
+        body = json.loads(m.read_text())
+        m.write_text(json.dumps({**body, "files": {k: v["size"] for k, v in body["files"].items()}}))
+    choice = ckpts.latest_verified(str(tmp_path / "old"))
+    assert choice.chosen.step == 8 and choice.unverified
+    assert "cannot be verified" in choice.lines()[0]

@@ -24,6 +24,7 @@ from raysft.config import derived
 from raysft.data import shards
 from raysft.data.pipeline import PrepareUnit, build_spec
 from raysft.data.prepared import fingerprint, fingerprint_inputs, open_prepared, prepare
+from raysft.storage import checksums
 from raysft.storage.rundir import Storage
 
 TOKENIZER = assets.resolve("bundled:smollm3")
@@ -47,8 +48,9 @@ def test_a_shard_reads_back_exactly_and_loads_with_datasets(tmp_path):
     unit = spec.unit_plan().units("train")[0]
     columns, stats = prep.prepare(unit)
     uri = str(tmp_path / "train" / "unit-00000.parquet")
-    n = shards.write_shard(uri, columns, stats, cfg.data.max_length)
+    n, crc = shards.write_shard(uri, columns, stats, cfg.data.max_length)
     assert n == len(columns["input_ids"]) > 1
+    assert crc == checksums.of_file(uri)  # the manifest's checksum is the file's
     assert shards.shard_stats(uri) == json.loads(json.dumps(stats))
     assert not list(tmp_path.rglob("*.tmp-*"))  # written aside, then renamed
 
@@ -73,7 +75,8 @@ def test_eval_rows_are_read_once_and_evaluate_with_storage_down(s3, tmp_path):
     unit = spec.unit_plan().units("train")[0]
     columns, stats = PrepareUnit(spec).prepare(unit)
     uri = f"s3://{s3.bucket}/eval-once/eval/unit-00000.parquet"
-    n = shards.write_shard(uri, columns, stats, cfg.data.max_length)
+    n, crc = shards.write_shard(uri, columns, stats, cfg.data.max_length)
+    assert checksums.stored(uri) == crc  # S3 kept the CRC32 it checked on receipt (one HEAD)
     rows = shards.PreparedRows({"eval": [(uri, n)]}, cfg.data.max_length)
     retry.configure(2)
     try:
@@ -176,6 +179,27 @@ def test_a_killed_prepare_is_never_used_and_the_next_one_resumes_it(ray_cluster,
     for c in shards.COLUMNS:
         np.testing.assert_array_equal(a.read("train", np.arange(n))[c], b.read("train", np.arange(n))[c], err_msg=c)
     assert resumed.manifest["stats"] == clean.manifest["stats"]
+    assert resumed.manifest["checksums"] == clean.manifest["checksums"]  # byte-identical shards
     # The next prepare of the same config reuses the set without running the pipeline.
     again = prepare(spec, Storage.at(str(killed_root)), **derived.data_resources(cfg.scaling))
     assert again.reused and again.uri == resumed.uri
+
+    # 2 KB flipped in one shard at rest (same size): never trained on; that shard alone is prepared
+    # again, to the same bytes, and the set is whole again.
+    shard = set_dir / "train" / "unit-00001.parquet"
+    others = {p: p.stat().st_mtime_ns for p in set_dir.glob("*/*.parquet") if p != shard}
+    good = shard.read_bytes()
+    flip_bytes(shard, 2048)
+    assert shard.stat().st_size == len(good) and shard.read_bytes() != good
+    repaired = prepare(spec, Storage.at(str(killed_root)), **derived.data_resources(cfg.scaling))
+    assert not repaired.reused and shard.read_bytes() == good
+    assert {p: p.stat().st_mtime_ns for p in others} == others  # only the corrupt one was prepared again
+    assert repaired.manifest["checksums"] == clean.manifest["checksums"]
+
+
+def flip_bytes(path: Path, n: int) -> None:
+    """Invert ``n`` bytes in the middle of a file, in place (its size unchanged): bit rot at rest."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2 - n // 2
+    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))

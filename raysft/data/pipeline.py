@@ -188,7 +188,8 @@ class PrepareUnit:
             unit = (self.eval_units if split == "eval" else self.units)[int(index)]
             columns, stats = self.prepare(unit)
             if self.mode == "write":
-                shards.write_shard(self.out.shard(unit.split, unit.index), columns, stats, self.spec.data.max_length)
+                _, crc = shards.write_shard(self.out.shard(unit.split, unit.index), columns, stats, self.spec.data.max_length)
+                stats = {**stats, "crc32": crc}  # for the manifest (a file cannot hold its own checksum)
             if self.mode in ("stats", "write"):
                 yield {"unit": np.array([unit.index]), "split": np.array([unit.split]),
                        "stats": np.array([json.dumps(stats)])}

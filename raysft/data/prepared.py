@@ -29,7 +29,7 @@ from raysft.config import derived
 from raysft.data import shards
 from raysft.data.pipeline import DataSpec, DataStats, build_dataset, check_quality, merge_unit_stats
 from raysft.data.readers import file_stamp
-from raysft.storage import files
+from raysft.storage import checksums, files
 from raysft.storage.rundir import PreparedDir, Storage
 
 log = logging.getLogger("raysft")
@@ -124,20 +124,29 @@ def open_prepared(uri: str) -> PreparedSet:
 
 def prepare(spec: DataSpec, storage: Storage, *, data_cpus: float, concurrency: int,
             retry_timeout_s: float | None = None) -> PreparedSet:
-    """The prepared set of ``spec`` under ``storage``: reused when complete, else (re)built, skipping
-    the shards a killed prepare already wrote. Raises ``DataQualityError`` (no manifest) when too
-    many rows are malformed. Ray must be initialised (the pipeline runs on Ray Data)."""
+    """The prepared set of ``spec`` under ``storage``: reused when complete and intact, else (re)built,
+    skipping the shards a killed prepare already wrote and re-preparing only the shards that fail
+    their checksums. Raises ``DataQualityError`` (no manifest) when too many rows are malformed. Ray
+    must be initialised (the pipeline runs on Ray Data)."""
     spec = dataclasses.replace(spec, epochs=1)  # pack once: later epochs permute the packed rows
     inputs = fingerprint_inputs(spec)
     pdir = storage.prepared(fingerprint(inputs))
+    known: dict[str, str] = {}  # shard -> CRC32 already checked
     if pdir.complete():
         prepared = PreparedSet(pdir, json.loads(files.read_bytes(pdir.file(PreparedDir.MANIFEST))), reused=True)
         check_quality(prepared.stats(), spec.data.max_bad_fraction)  # this run's threshold
-        return prepared
+        bad = verify_shards(prepared)
+        if not bad:
+            return prepared
+        known = {rel: crc for rel, crc in prepared.manifest["checksums"].items() if rel not in {b.file for b in bad}}
+        for b in bad:  # never trained on: deleted, then prepared again below (only they)
+            log.warning("raysft: warning: prepared shard %s is corrupt (%s): re-preparing it", pdir.file(b.file), b)
+            files.delete_file(pdir.file(b.file))
+        files.delete_file(pdir.file(PreparedDir.MANIFEST))
     plan = spec.unit_plan()
     units = [(u.split, u.index) for split in ("train", "eval") for u in plan.units(split)]
-    done = _finished_units(pdir, units)
-    if done:
+    done, crcs = _finished_units(pdir, units, known)
+    if done and len(done) < len(units) and not known:
         log.info("raysft: prepared set %s: %d of %d shards already written, preparing the rest", pdir.uri,
                  len(done), len(units))
     missing = {u for u in units if u not in done}
@@ -146,14 +155,17 @@ def prepare(spec: DataSpec, storage: Storage, *, data_cpus: float, concurrency: 
                            retry_timeout_s=retry_timeout_s)
         for row in ds.iter_rows():
             st = json.loads(row["stats"])
+            crcs[(st["split"], st["unit"])] = st.pop("crc32")
             done[(st["split"], st["unit"])] = st
     stats = merge_unit_stats(spec, (done[u] for u in units))
     check_quality(stats, spec.data.max_bad_fraction)  # raises before the manifest: the set stays incomplete
+    rel = {u: pdir.shard(*u)[len(pdir.uri) + 1:] for u in units}
     manifest = {
         "fingerprint": pdir.name, "format_version": shards.FORMAT_VERSION, "max_length": spec.data.max_length,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "shards": {split: [[pdir.shard(split, i)[len(pdir.uri) + 1:], done[(split, i)]["packed_rows"]]
-                           for s, i in units if s == split] for split in ("train", "eval")},
+        "shards": {split: [[rel[(s, i)], done[(s, i)]["packed_rows"]] for s, i in units if s == split]
+                   for split in ("train", "eval")},
+        "checksums": {rel[u]: crcs[u] for u in units}, "checksum_algorithm": checksums.ALGORITHM,
         "stats": stats.to_json(), "inputs": inputs,
     }
     files.write_bytes(pdir.file(PreparedDir.STATS), json.dumps(stats.to_json(), indent=1).encode())
@@ -161,19 +173,32 @@ def prepare(spec: DataSpec, storage: Storage, *, data_cpus: float, concurrency: 
     return PreparedSet(pdir, manifest)
 
 
-def _finished_units(pdir: PreparedDir, units: list[tuple[str, int]]) -> dict[tuple[str, int], dict]:
-    """Units whose shard a previous prepare wrote completely (one listing per split, then footers)."""
+def verify_shards(prepared: PreparedSet) -> list[checksums.Mismatch]:
+    """The shards whose checksum in storage is not the manifest's (S3: one HEAD each; local: the bytes
+    read once). A set from an older raysft has none: said once, and used as it is."""
+    expected = prepared.manifest.get("checksums")
+    if expected is None:
+        log.info("raysft: prepared set %s has no checksums (an older raysft): it cannot be verified", prepared.uri)
+        return []
+    return checksums.compare(prepared.uri, expected)
+
+
+def _finished_units(pdir: PreparedDir, units: list[tuple[str, int]], known: dict[str, str]):
+    """Units whose shard a previous prepare wrote completely (one listing per split, then footers),
+    with each shard's checksum (``known``'s, else storage's)."""
     present = set()
     for split in ("train", "eval"):
         for e in files.list_dir(files.join(pdir.uri, split)):
             if e.type == pafs.FileType.File and e.base_name.endswith(".parquet"):
                 present.add(f"{split}/{e.base_name}")
-    out = {}
+    out, crcs = {}, {}
     for split, i in units:
         uri = pdir.shard(split, i)
-        if uri[len(pdir.uri) + 1:] in present and (st := shards.shard_stats(uri)) is not None:
+        rel = uri[len(pdir.uri) + 1:]
+        if rel in present and (st := shards.shard_stats(uri)) is not None:
             out[(split, i)] = st
-    return out
+            crcs[(split, i)] = known.get(rel) or checksums.stored(uri)
+    return out, crcs
 
 
 def describe(prepared: PreparedSet) -> str:

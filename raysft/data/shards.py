@@ -50,26 +50,17 @@ def rows_per_group(max_length: int) -> int:
     return int(max(1, min(MAX_ROWS_PER_GROUP, ROW_GROUP_BYTES // (max_length * 14))))
 
 
-def write_shard(uri: str, columns: dict[str, np.ndarray], stats: dict[str, Any], max_length: int) -> int:
-    """Write one unit's packed rows; returns the row count. The object appears whole or not at all
-    (local: written aside, then renamed; object stores publish an upload only when it completes)."""
+def write_shard(uri: str, columns: dict[str, np.ndarray], stats: dict[str, Any], max_length: int) -> tuple[int, str]:
+    """Write one unit's packed rows; returns (row count, the file's CRC32 for the manifest). The object
+    appears whole or not at all (local: written aside, then renamed; object stores publish an upload
+    only when it completes, and S3 checks the CRC32 it is sent with)."""
     n = len(columns["input_ids"])
     arrays = {c: pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(columns[c], dtype=t.to_pandas_dtype()).reshape(-1), t),
                                                    max_length) for c, t in COLUMNS.items()}
     table = pa.table(arrays).replace_schema_metadata({STATS_KEY: json.dumps(stats).encode()})
-    fs, path = files.filesystem(uri)
-    local = isinstance(fs, pafs.LocalFileSystem)
-    target = f"{path}.tmp-{os.getpid()}" if local else path
-
-    def put() -> None:
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(target) as out:
-            pq.write_table(table, out, row_group_size=rows_per_group(max_length), compression="zstd")
-        if local:
-            os.replace(target, path)
-
-    retrying(f"write {uri}", put)
-    return n
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=rows_per_group(max_length), compression="zstd")
+    return n, files.write_verified(uri, sink.getvalue().to_pybytes())
 
 
 def shard_stats(uri: str) -> dict[str, Any] | None:

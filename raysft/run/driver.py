@@ -97,23 +97,25 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
     name, init_checkpoint = storage.resolve_resume(cfg.resume, cfg.storage.name)
     name = name or derived.default_run_name(cfg)
     rundir = storage.run(name)
-    # One writer per run, refused here before anything is written or Ray starts (storage/lease.py).
-    held, took_over = Lease.acquire(rundir.uri, name, cfg.storage.lease_timeout_s)
-    held.start()
-    attempt = records.Attempt(rundir)
+    held = attempt = None
     try:
-        with SignalStop(held) as stop:
+        with SignalStop() as stop:
+            # One writer per run, refused here before anything is written or Ray starts (storage/lease.py).
+            held, took_over = Lease.acquire(rundir.uri, name, cfg.storage.lease_timeout_s)
+            stop.lease = held.start()
+            attempt = records.Attempt(rundir)
             return _run(cfg, callbacks, ray_cpus, rundir, init_checkpoint, held, took_over, stop, attempt)
     except StopNow as e:
         console.progress.close()
         last = rundir.latest_checkpoint()
-        step = last.step if last else 0
-        attempt.end(f"stopped at once ({e.signame} twice)", None)
-        raise RunStopped(exit_code(e.signame), f"stopped at once ({e.signame} twice), without a checkpoint: the newest "
-                         f"is step {step}" + (f" in {last.uri}" if last else "") +
-                         " — run the same command to resume from it") from None
+        if attempt is not None:
+            attempt.end(f"stopped at once ({e.signame} twice)", None)
+        where = f"the newest is step {last.step} in {last.uri}" if last else "there is none yet"
+        raise RunStopped(exit_code(e.signame), f"stopped at once ({e.signame} twice), without a checkpoint: {where} — "
+                         "run the same command to resume from it") from None
     finally:
-        held.release()
+        if held is not None:
+            held.release()
 
 
 def _run(cfg: RaySFTConfig, callbacks, ray_cpus, rundir: RunDir, init_checkpoint: str | None, held: Lease,
@@ -177,6 +179,11 @@ def _run(cfg: RaySFTConfig, callbacks, ray_cpus, rundir: RunDir, init_checkpoint
     started, started_unix = time.perf_counter(), time.time()
     restarted = 0
     while True:  # one Ray Train run; again after a rollback or a controller restart
+        if stop.signal and restarted == 0:  # signalled before training started: nothing to checkpoint
+            step = resume_from.step if resume_from else 0
+            attempt.end(f"stopped by {stop.signal} before training", step)
+            raise RunStopped(exit_code(stop.signal), f"stopped before training started (step {step}) — run the "
+                             "same command to resume")
         rundir.forget_ray_registry()
         storage_path, storage_fs = rundir.ray_storage(d.ray_state_retry_s)
         trainer = (_OwnSignals if stop.installed else TorchTrainer)(

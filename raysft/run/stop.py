@@ -36,8 +36,8 @@ def exit_code(signame: str) -> int:
 class SignalStop:
     """Installed around a run (a context manager): ``signal`` is the first signal's name once one came."""
 
-    def __init__(self, lease: Lease):
-        self.lease = lease
+    def __init__(self):
+        self._lease: Lease | None = None  # set once the driver holds the run's lease
         self.signal: str | None = None
         self._old: dict[int, object] = {}
 
@@ -52,6 +52,16 @@ class SignalStop:
             signal.signal(s, old)
 
     @property
+    def lease(self) -> Lease | None:
+        return self._lease
+
+    @lease.setter
+    def lease(self, held: Lease) -> None:
+        self._lease = held
+        if self.signal is not None:  # a signal before the lease was held: asked for now
+            held.request_stop(self.signal)
+
+    @property
     def installed(self) -> bool:
         return bool(self._old)
 
@@ -60,6 +70,7 @@ class SignalStop:
         if self.signal is not None:
             raise StopNow(name)
         self.signal = name
-        self.lease.request_stop(name)
+        if self._lease is not None:
+            self._lease.request_stop(name)
         print(f"raysft: {name}: stopping at the end of the current step, after a checkpoint (send it again to stop "
               "at once, without one)", flush=True)

@@ -133,8 +133,14 @@ def inspect(uri: str) -> CheckpointInfo:
     def read(rel: str) -> str:
         return files.read_bytes(files.join(uri, rel)).decode()
 
-    ok, why, entries = _check(sizes, read)
-    state = json.loads(read(STATE_FILE)) if STATE_FILE in sizes else None
+    try:
+        ok, why, entries = _check(sizes, read)
+    except ValueError as e:  # a manifest that is not JSON any more: nothing in the folder can be checked
+        return CheckpointInfo(uri, False, f"unreadable manifest ({e})")
+    try:
+        state = json.loads(read(STATE_FILE)) if STATE_FILE in sizes else None
+    except ValueError:
+        state = None  # corrupted: its checksum fails (verify_stored) and it is never resumed from
     sums = _checksums(entries)
     return CheckpointInfo(uri, ok, why, state, sums if sums or not entries else None)
 

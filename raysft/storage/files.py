@@ -177,6 +177,11 @@ def list_dir(uri: str, *, recursive: bool = False) -> list[pafs.FileInfo]:
                                                                                allow_not_found=True)))
 
 
+def delete_file(uri: str) -> None:
+    fs, path = filesystem(uri)
+    retrying(f"delete {uri}", lambda: fs.delete_file(path))
+
+
 def delete_dir(uri: str) -> None:
     fs, path = filesystem(uri)
     retrying(f"delete {uri}", lambda: fs.delete_dir(path))
