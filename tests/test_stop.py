@@ -6,9 +6,10 @@ raysft/storage/lease.py). SIGTERM under `ray job stop`, and two drivers on a loc
 2. SIGINT to the first: it checkpoints at the end of that step and stops, in one line, exit 130.
 3. The same command again (a real process), SIGINT twice at once: it stops at once and says that no
    checkpoint was taken.
-4. The same command again: it resumes from the step-N checkpoint and finishes; every step was trained
-   once, on exactly the rows of the global order (the batch audit), and the run's attempts are all
-   recorded (not the refused driver's)."""
+4. 4 KB flipped in that checkpoint's weights in S3 (the object written again, same size); the same
+   command again: it names the corrupted file and its checksums, resumes from the checkpoint before
+   it and finishes, on exactly the rows and to the weights of the uninterrupted run (conftest's
+   clean run, the same config on a local path); every attempt is recorded, not the refused driver's."""
 
 from __future__ import annotations
 
@@ -21,23 +22,22 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT, compose
+import torch
+from safetensors.torch import load, load_file
+from conftest import CLEAN_RUN, ROOT, compose
 
 from raysft.run import driver
 from raysft.run.failures import RunStopped
-from raysft.storage import files, lease
+from raysft.storage import checksums, files, lease
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-STEPS, GA = 8, 2
+STEPS, GA = 6, 2  # conftest.CLEAN_RUN: checkpoints every 2 steps
 NAME = "signalled"
 
 
 def _overrides(bucket: str) -> list[str]:
-    return [f"storage.path=s3://{bucket}/stop-runs", f"storage.name={NAME}", f"trainer.max_steps={STEPS}",
-            f"trainer.gradient_accumulation_steps={GA}", "trainer.save_strategy=steps", "trainer.save_steps=2",
-            "trainer.save_total_limit=100", "trainer.eval_steps=null",
-            "monitor.sample_prompts=[]", "monitor.log_batch_hashes=true"]
+    return [f"storage.path=s3://{bucket}/stop-runs", f"storage.name={NAME}", *CLEAN_RUN, "trainer.save_total_limit=100"]
 
 
 def _raysft(args: list[str]) -> subprocess.Popen:
@@ -46,7 +46,7 @@ def _raysft(args: list[str]) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def test_signals_stop_with_a_checkpoint_and_a_second_driver_is_refused(ray_cluster, s3):
+def test_signals_stop_with_a_checkpoint_and_a_second_driver_is_refused(clean_run, s3, capsys):
     from raysft.storage.rundir import Storage
 
     s3.proxy.up()
@@ -94,31 +94,43 @@ def test_signals_stop_with_a_checkpoint_and_a_second_driver_is_refused(ray_clust
                                             f"is step {last.step} in {last.uri} — run the same command to resume from it")
     assert run.latest_checkpoint().uri == last.uri and held.pid == again.pid
 
-    # ... and once more: it resumes from the signal's checkpoint and trains every step once.
+    # Bytes flipped in that checkpoint's weights in S3; once more: it is skipped, named with both
+    # checksums, for the one before it, and the run ends as if never interrupted.
+    key = f"stop-runs/{NAME}/{last.uri.rsplit('/', 1)[-1]}/model.safetensors"
+    good = s3.client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+    bad = bytearray(good)
+    bad[len(bad) // 2:len(bad) // 2 + 4096] = bytes(b ^ 0xFF for b in bad[len(bad) // 2:len(bad) // 2 + 4096])
+    s3.client.put_object(Bucket=s3.bucket, Key=key, Body=bytes(bad))
+    before = max(c.step for c in run.checkpoints() if c.step < last.step)
+    capsys.readouterr()
     result = driver.run(compose(*args))
+    out = capsys.readouterr().out
+    skipped = next(x for x in out.splitlines() if "is corrupt" in x)
+    assert skipped == (f"raysft: warning: checkpoint {last.uri} (step {last.step}) is corrupt: model.safetensors has "
+                       f"crc32 {checksums.of_bytes(bytes(bad))}, its manifest says {checksums.of_bytes(good)} — skipped; "
+                       f"using the previous complete checkpoint (step {before})"), skipped
+    assert f"raysft: resuming from step {before} " in out
     assert result.max_steps == STEPS
     attempts = [json.loads(x) for x in files.read_bytes(run.file("attempts.jsonl")).decode().splitlines()]
     assert [a["ended_by"] for a in attempts] == ["stopped by SIGINT", "stopped at once (SIGINT twice)", "finished"]
-    assert [a["from_step"] for a in attempts] == [0, last.step, last.step] and attempts[-1]["to_step"] == STEPS
+    assert [a["from_step"] for a in attempts] == [0, last.step, before] and attempts[-1]["to_step"] == STEPS
     summary = json.loads(files.read_bytes(run.file("train_summary.json")))
-    assert summary["resumed_from_step"] == last.step and summary["global_step"] == STEPS
-    audit = [json.loads(x) | {"rank": r} for r in (0, 1)
-             for x in files.read_bytes(run.file(f"workers/batches_rank{r}.jsonl")).decode().splitlines()]
-    trained = {}
-    n = 2 * GA * STEPS  # 2 workers x 1 row x GA: micro-batch j of step s on rank r is position ((s-1) GA + j) 2 + r
-    for e in audit:
-        assert trained.setdefault(((e["step"] - 1) * GA + e["micro"]) * 2 + e["rank"], e["rows"][0]) == e["rows"][0]
-    assert sorted(trained) == list(range(n)) and len(audit) == n  # none lost, none trained twice
-    assert [trained[g] for g in range(n)] == _global_rows(run, compose(*args).trainer.seed, n)
+    assert summary["resumed_from_step"] == before and summary["global_step"] == STEPS
+
+    # Every micro-batch on every rank is the uninterrupted run's (re-trained ones the same rows), and so are the weights.
+    _, clean = clean_run
+    for rank in (0, 1):
+        want = _hashes((clean / "workers" / f"batches_rank{rank}.jsonl").read_text())
+        assert _hashes(files.read_bytes(run.file(f"workers/batches_rank{rank}.jsonl")).decode()) == want
+    a = load_file(clean / "model" / "model.safetensors")
+    b = load(files.read_bytes(run.file("model/model.safetensors")))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
 
 
-def _global_rows(run, seed: int, count: int) -> list[str]:
-    """The first ``count`` rows of the run's global training order, read from its prepared set."""
-    from raysft.data.prepared import open_prepared
-    from raysft.data.shards import RowStream
-    from raysft.train.batches import row_digests
-
-    (prepared,) = files.list_dir(files.join(run.root, "prepared"))
-    stream = RowStream(open_prepared(f"s3://{prepared.path}").rows(), rank=0, world=1, batch=1, start=0, seed=seed,
-                       timeout_s=60)
-    return [row_digests(stream.batch_at(g))[0] for g in range(count)]
+def _hashes(text: str) -> dict[tuple[int, int], list[str]]:
+    out: dict[tuple[int, int], list[str]] = {}
+    for e in map(json.loads, text.splitlines()):
+        assert out.setdefault((e["step"], e["micro"]), e["rows"]) == e["rows"], f"step {e['step']} re-trained on other rows"
+    assert sorted(out) == [(s, j) for s in range(1, STEPS + 1) for j in range(GA)]
+    return out
