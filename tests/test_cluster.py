@@ -297,7 +297,9 @@ def ray_head(*extra_args: str, port: int | None = None, num_cpus: int = 4, env: 
 
 @pytest.fixture(scope="module")
 def job_server():
-    with ray_head(num_cpus=4) as head:
+    # `ray job stop` sends SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (3 s by default): the
+    # head gets the time a driver needs to checkpoint at the end of its step (README "Stopping a run").
+    with ray_head(num_cpus=4, env=_ray_env(RAY_JOB_STOP_WAIT_TIME_S="60")) as head:
         yield head
 
 
@@ -310,8 +312,10 @@ def _submit(head: Head, *overrides: str, submission_id: str) -> subprocess.Compl
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_job_stop_leaves_a_resumable_checkpoint_and_a_resubmit_continues(job_server, tmp_path):
-    """Submit a long run, `ray job stop` it once a checkpoint is in storage, re-submit under the same
-    storage.name: the run continues from that checkpoint (logs streamed, overrides intact, exit 0)."""
+    """Submit a long run; while it trains, a second driver on this machine with the same storage.name
+    refuses (the run's lease); `ray job stop` it once a checkpoint is in storage: SIGTERM, so it
+    checkpoints the step it is at and says so; re-submit under the same storage.name: the run
+    continues from that checkpoint (logs streamed, overrides intact, exit 0)."""
     from raysft.storage import checkpoints as ckpts
 
     run_dir = tmp_path / "runs" / "on-cluster"
@@ -326,6 +330,11 @@ def test_job_stop_leaves_a_resumable_checkpoint_and_a_resubmit_continues(job_ser
     while time.time() < deadline and not (run_dir.exists() and ckpts.latest_complete(str(run_dir))):
         time.sleep(1)
     assert ckpts.latest_complete(str(run_dir)), "no checkpoint within 15 min"
+    second = subprocess.run([sys.executable, "-m", "raysft", "trainer.max_steps=200", "monitor.sample_prompts=[]", *common],
+                            env=_ray_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 9, second.stdout + second.stderr
+    assert second.stderr.strip().splitlines()[-1].startswith("raysft: error: run on-cluster is being written by ")
+    periodic = ckpts.latest_complete(str(run_dir)).step
     stop = subprocess.run(["ray", "job", "stop", job_id, "--address", job_server.dashboard_url],
                           env=job_server.env, capture_output=True, text=True, timeout=300)
     assert stop.returncode == 0, stop.stdout + stop.stderr
@@ -333,6 +342,11 @@ def test_job_stop_leaves_a_resumable_checkpoint_and_a_resubmit_continues(job_ser
                             env=job_server.env, capture_output=True, text=True, timeout=120)
     assert "was stopped" in status.stdout + status.stderr
     saved = ckpts.latest_complete(str(run_dir))
+    logs = subprocess.run(["ray", "job", "logs", job_id, "--address", job_server.dashboard_url],
+                          env=job_server.env, capture_output=True, text=True, timeout=120).stdout
+    assert f"raysft: stopped at step {saved.step} (checkpoint at step {saved.step} in {saved.uri}) — run the same " \
+           "command to resume" in logs, logs[-3000:]
+    assert saved.step > periodic  # the step SIGTERM found it at, not the last periodic checkpoint
     # The data cursor: every step took 2 workers x 1 row x 1 accumulation step.
     assert saved.step >= 2 and saved.state["data_cursor"]["global_row"] == saved.step * 2
 

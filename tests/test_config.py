@@ -88,8 +88,7 @@ def test_checkpoint_retention_is_raysft_s_and_elastic_scaling_maps_to_ray():
 
     # Ray Train deletes nothing (an abandoned upload must not push out the last complete checkpoint);
     # raysft applies save_total_limit / metric_for_best_model (tests/test_checkpoint.py).
-    best = checkpoint_config(compose("trainer.metric_for_best_model=eval_loss", "trainer.save_total_limit=3"))
-    assert best.num_to_keep is None and checkpoint_config(compose()).num_to_keep is None
+    assert checkpoint_config().num_to_keep is None  # whatever the retention settings
     elastic = scaling_config(compose("scaling.min_workers=1", "scaling.elastic_resize_interval_s=5"))
     assert elastic.num_workers == (1, 2) and elastic.elastic_resize_monitor_interval_s == 5
     assert scaling_config(compose()).num_workers == 2

@@ -1,9 +1,10 @@
 """Fault tolerance with exact data resume, on a local Ray cluster with 2 CPU workers.
 
 A run is trained uninterrupted; the same run is trained again while a worker process is killed
-with SIGKILL from outside after step 3 and again, after the restart, after step 5 (checkpoints
-every 2 steps), and every actor that is not Ray Train's own is SIGKILLed after step 1. Ray Train
-restarts the worker group twice, raysft resumes from the step-2, then the step-4 checkpoint, and
+with SIGKILL from outside after step 3 and, after the restart, Ray Train's controller after step 5
+(checkpoints every 2 steps), and every actor that is not Ray Train's own is SIGKILLed after step 1.
+Ray Train restarts the worker group, the driver the whole run, raysft resumes from the step-2, then
+the step-4 checkpoint, and
 the workers train on exactly the micro-batches the uninterrupted run trained on (hashes of every
 micro-batch), to the same weights, with the same step, learning rate and token count in the
 metrics. Resuming a run whose newest checkpoint is its last step trains nothing more; a run resumed
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -57,9 +59,11 @@ def _weights(run_dir: Path):
     return load_file(run_dir / "model" / "model.safetensors")
 
 
-def _kill_a_worker_after(run_dir: Path, steps: tuple[int, ...], killed: list, stop: threading.Event) -> None:
-    """SIGKILL one Ray Train worker process once each of ``steps`` is logged and the checkpoint of
-    the step before it is in storage (each kill after the group restarted from the previous one)."""
+def _kill_a_worker_after(run_dir: Path, steps: tuple[int, ...], killed: list, stop: threading.Event,
+                         actor: str = "RayTrainWorker") -> None:
+    """SIGKILL one ``actor`` process (a Ray Train worker, or its controller) once each of ``steps`` is
+    logged and the checkpoint of the step before it is in storage (each kill after the group restarted
+    from the previous one)."""
     from ray.util.state import list_actors
 
     from raysft.storage import checkpoints as ckpts
@@ -70,7 +74,7 @@ def _kill_a_worker_after(run_dir: Path, steps: tuple[int, ...], killed: list, st
             lines = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
             logged = any(m.get("global_step", 0) >= step and "loss" in m for m in lines)
             if logged and any(c.complete and c.step == step - 1 for c in ckpts.scan(str(run_dir))):
-                workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                workers = list_actors(filters=[("class_name", "=", actor), ("state", "=", "ALIVE")])
                 pids = sorted(w.pid for w in workers if w.pid not in killed)
                 if pids:
                     os.kill(pids[-1], signal.SIGKILL)
@@ -79,7 +83,7 @@ def _kill_a_worker_after(run_dir: Path, steps: tuple[int, ...], killed: list, st
             time.sleep(0.2)
 
 
-def test_sigkill_of_a_worker_resumes_with_exactly_the_same_data(clean_run, tmp_path):
+def test_sigkill_of_a_worker_and_of_the_controller_resumes_with_exactly_the_same_data(clean_run, tmp_path, capsys):
     import torch
 
     _, clean = clean_run
@@ -87,16 +91,25 @@ def test_sigkill_of_a_worker_resumes_with_exactly_the_same_data(clean_run, tmp_p
     killed: list[int] = []
     others: list[str] = []  # every actor not Ray Train's own, SIGKILLed once step 1 is logged
     stop = threading.Event()
-    killers = [threading.Thread(target=_kill_a_worker_after, args=(tmp_path / "faulty", (3, 5), killed, stop), daemon=True),
+    controller: list[int] = []
+    killers = [threading.Thread(target=_kill_a_worker_after, args=(tmp_path / "faulty", (3,), killed, stop), daemon=True),
+               threading.Thread(target=_kill_a_worker_after, args=(tmp_path / "faulty", (5,), controller, stop,
+                                                                   "TrainController"), daemon=True),
                threading.Thread(target=kill_other_actors_after, args=(tmp_path / "faulty", 1, others, stop), daemon=True)]
     for t in killers:
         t.start()
+    capsys.readouterr()
     try:
         driver.run(compose(f"storage.path={tmp_path}", "storage.name=faulty", "scaling.max_failures=2", *CLEAN_RUN))
     finally:
         stop.set()
+    out = capsys.readouterr().out
     faulty = tmp_path / "faulty"
-    assert len(killed) == 2, f"workers killed: {killed}"
+    assert len(killed) == 1 and len(controller) == 1, f"workers killed: {killed}, controller: {controller}"
+    # Ray Train restarted the group after the worker's death; the driver restarted the run after its
+    # controller's (the driver is alive: it knows the newest checkpoint), and said so in one line.
+    assert re.search(r"raysft: Ray Train's controller process died \(\w+\); the newest complete checkpoint is step 4 "
+                     r"\(.*\): restarting the run from it \(1 of scaling.max_failures=2\)", out), out[-3000:]
     assert "<checked>" in others, others  # training needs no actor but Ray Train's (the workers read storage)
     summary = json.loads((faulty / "train_summary.json").read_text())
     assert summary["resumed_from_step"] == 4 and summary["global_step"] == STEPS  # restarted twice, last from step 4
@@ -153,6 +166,23 @@ def test_running_a_finished_run_again_trains_nothing_and_starts_no_worker(clean_
     assert summary["global_step"] == STEPS and summary["resumed_from_step"] == STEPS
     _, lines = _hashes(done, 0)
     assert lines == STEPS * GA  # no micro-batch trained again
+
+    # Bytes flipped in its only checkpoint (retention kept the newest): nothing trustworthy is left to
+    # resume from; one line naming the file and both checksums, exit 7, before Ray starts.
+    from raysft.run.failures import one_line
+    from raysft.storage import checkpoints as ckpts
+
+    (done / "train_summary.json").unlink()
+    (only,) = [c for c in ckpts.scan(str(done)) if c.complete]
+    weights = Path(only.uri) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4096] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 4096])
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ckpts.CorruptCheckpointError) as corrupt:
+        driver.run(compose(f"storage.path={tmp_path}", "storage.name=clean", *CLEAN_RUN))
+    code, line = one_line(corrupt.value)
+    assert code == 7 and "every complete checkpoint" in line and "model.safetensors has crc32" in line, line
+    assert "is corrupt: model.safetensors" in capsys.readouterr().out
 
 
 def _global_rows(storage: Path, seed: int, count: int) -> list[str]:

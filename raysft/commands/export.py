@@ -49,7 +49,10 @@ def resolve_source(src_uri: str) -> tuple[str, str | None, str | None]:
     if any(files.exists(files.join(src, RunDir.MODEL, f)) for f in ("config.json", "adapter_config.json")):
         return files.join(src, RunDir.MODEL), src, None
     if files.exists(files.join(src, RunDir.CONFIG)):
-        latest = ckpts.latest_complete(src)
+        choice = ckpts.latest_verified(src)
+        for line in choice.lines():
+            print(f"raysft export: {line}", flush=True)
+        latest = choice.chosen
         if latest is None:
             raise ExportError(f"run {src_uri} has neither a final model nor a complete checkpoint: nothing to export")
         return latest.uri, src, (f"run {src_uri} has no final model (it stopped before its final save); exporting "
@@ -79,6 +82,11 @@ def export(src_uri: str, dest: str, *, merge: bool = False) -> Path:
                     run_dir.mkdir(exist_ok=True)
                     (run_dir / name).write_bytes(files.read_bytes(files.join(run_uri, name)))
         src = files.download_dir(weights_uri, work / "weights")
+        if any(src.glob("raysft_manifest_rank*.json")):  # a checkpoint, or a model saved by this raysft
+            ok, why = ckpts.verify(src)
+            if not ok:
+                raise ExportError(f"{weights_uri} fails its check ({why}): it cannot be exported as it is — export "
+                                  "another checkpoint of the run (checkpoint_* folder)")
         _export(src, run_dir, work / "out", merge=merge)
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():

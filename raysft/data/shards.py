@@ -16,7 +16,6 @@ HF sampler does), each worker its own round-robin share, straight from storage: 
 from __future__ import annotations
 
 import json
-import os
 import queue
 import threading
 from collections import OrderedDict

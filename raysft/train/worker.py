@@ -28,6 +28,7 @@ from raysft.config.secrets import without_secrets
 from raysft.data.prepared import open_prepared
 from raysft.data.shards import RowStream
 from raysft.storage import files
+from raysft.storage.checkpoints import write_manifest
 from raysft.storage import retry
 from raysft.storage.retry import unsaved_dir
 from raysft.storage.synced import SyncedFile
@@ -291,6 +292,7 @@ def run_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         best_effort(lambda: trackers.finish(samples.trackers, tracker_dir, tracker_upload), "the tracker files")
         tokenizer.save_pretrained(model_dir)
+        write_manifest(model_dir, 0, 1)  # checksums: `raysft export` and `raysft upload` check the model too
         summary = {"global_step": trainer.state.global_step, "train_loss_mean": train_loss,
                    "train_runtime_s": train_runtime, "num_tokens": trainer._total_train_tokens,
                    "rows_consumed_rank0": train_batches.rows_consumed, "resumed_from_step": step0, **final_eval}
