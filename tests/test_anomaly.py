@@ -5,8 +5,8 @@ and grad norm at step 3 and nowhere else.
 
 - ``policy=stop``: the run ends at step 3 in one line (exit 8) naming the step, the loss and the last
   good checkpoint (step 2); nothing after it is saved.
-- ``policy=rollback``: the run resumes from step 2, skips the 4 rows of step 3 (recorded), trains
-  step 3 on the next 4 rows of the global order and finishes.
+- then ``policy=rollback``, the same run: it resumes from step 2, skips the rows of step 3 (recorded),
+  trains step 3 on the next rows of the global order and finishes.
 - ``policy=warn`` and the spike rule: the guard itself, on the values it is handed."""
 
 from __future__ import annotations
@@ -71,42 +71,45 @@ def _run(root: Path, model_dir: Path, name: str, *overrides: str):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_poisoned_batch_stops_the_run_in_one_line(poisoned):
-    root, model_dir, _ = poisoned
-    with pytest.raises(RunFailedError) as failed:
-        _run(root, model_dir, "stopped", "trainer.anomaly.policy=stop")
-    f = failed.value.failure
-    run = root / "stopped"
-    assert f.code == 8
-    # (the NaN reaches the gradient for sure; the loss too when a trained position attends to it)
-    assert re.match(rf"non-finite (loss|grad norm) at step {POISONED_STEP} \(nan\) \(trainer.anomaly.policy=stop\): "
-                    r"stopped, nothing saved after it; the last good checkpoint is step 2 \(", f.line), f.line
-    steps = sorted(json.loads((c / "raysft_state.json").read_text())["global_step"] for c in run.glob("checkpoint_*") if c.is_dir())
-    assert steps == [2] and not (run / "model").exists() and not (run / "train_summary.json").exists()
-    (record,) = [json.loads(x) for x in (run / "anomalies.jsonl").read_text().splitlines()]
-    assert record["step"] == POISONED_STEP and record["action"] == "stop" and record["last_good_step"] == 2
-    assert json.loads((run / "attempts.jsonl").read_text().splitlines()[-1])["ended_by"] == "stopped by the anomaly guard"
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_poisoned_batch_is_rolled_back_and_skipped_with_the_data_position_exact(poisoned, capsys):
+def test_a_poisoned_batch_stops_the_run_then_a_rollback_skips_it_with_the_data_position_exact(poisoned, capsys):
+    """One run, as a user meets it: ``policy=stop`` ends it at step 3 in one line; the same command
+    with ``policy=rollback`` (what that line suggests) resumes from step 2, hits the batch again, rolls
+    back past it and finishes."""
     from raysft.data.prepared import open_prepared
     from raysft.data.shards import RowStream
     from raysft.train.batches import row_digests
 
     root, model_dir, row = poisoned
-    result = _run(root, model_dir, "rolled", "trainer.anomaly.policy=rollback")
+    run = root / "poisoned"
+    with pytest.raises(RunFailedError) as failed:
+        _run(root, model_dir, "poisoned", "trainer.anomaly.policy=stop")
+    f = failed.value.failure
+    assert f.code == 8
+    # (the NaN reaches the gradient for sure; the loss too when a trained position attends to it)
+    assert re.match(rf"non-finite (loss|grad norm) at step {POISONED_STEP} \(nan\) \(trainer.anomaly.policy=stop\): "
+                    r"stopped, nothing saved after it; the last good checkpoint is step 2 \(.*\) — rerun with "
+                    r"trainer.anomaly.policy=rollback", f.line), f.line
+    steps = sorted(json.loads((c / "raysft_state.json").read_text())["global_step"] for c in run.glob("checkpoint_*")
+                   if c.is_dir())
+    assert steps == [2] and not (run / "model").exists() and not (run / "train_summary.json").exists()
+    (record,) = [json.loads(x) for x in (run / "anomalies.jsonl").read_text().splitlines()]
+    assert record["step"] == POISONED_STEP and record["action"] == "stop" and record["last_good_step"] == 2
+    assert json.loads((run / "attempts.jsonl").read_text().splitlines()[-1])["ended_by"] == "stopped by the anomaly guard"
+
+    capsys.readouterr()
+    result = _run(root, model_dir, "poisoned", "trainer.anomaly.policy=rollback")
     out = capsys.readouterr().out
-    run = root / "rolled"
     skipped = [(POISONED_STEP - 1) * ROWS_PER_STEP, POISONED_STEP * ROWS_PER_STEP]
     assert (re.search(rf"raysft: non-finite (loss|grad norm) at step {POISONED_STEP} \(nan\): rolling back to step 2 \(",
-                      out) and f"skipping the rows of step {POISONED_STEP} (global order [{skipped[0]}, {skipped[1]})" in out), out[-3000:]
-    (record,) = [json.loads(x) for x in (run / "anomalies.jsonl").read_text().splitlines()]
-    assert record["action"] == "rollback" and record["skipped_rows"] == skipped
+                      out) and f"skipping the rows of step {POISONED_STEP} (global order [{skipped[0]}, {skipped[1]})" in out), \
+        out[-3000:]
+    stopped, rolled = [json.loads(x) for x in (run / "anomalies.jsonl").read_text().splitlines()]
+    assert stopped == record and rolled["action"] == "rollback" and rolled["skipped_rows"] == skipped
     assert result.max_steps == 6 and json.loads((run / "train_summary.json").read_text())["global_step"] == 6
+    assert [json.loads(x)["ended_by"] for x in (run / "attempts.jsonl").read_text().splitlines()] == \
+        ["stopped by the anomaly guard", "finished"]
 
-    # The batch audit: after the rollback (the second session) step 3 trained the next rows of the global
+    # The batch audit: after the rollback (the last session) step 3 trained the next rows of the global
     # order, and the poisoned row was never trained again.
     (prepared,) = (root / "prepared").iterdir()
     stream = RowStream(open_prepared(str(prepared)).rows(), rank=0, world=1, batch=1, start=0,

@@ -101,7 +101,9 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
     try:
         with SignalStop() as stop:
             # One writer per run, refused here before anything is written or Ray starts (storage/lease.py).
-            held, took_over = Lease.acquire(rundir.uri, name, cfg.storage.lease_timeout_s)
+            # A sweep trial waits out a lease its own interrupted predecessor may still hold.
+            held, took_over = Lease.acquire(rundir.uri, name, cfg.storage.lease_timeout_s,
+                                            wait_s=1.25 * cfg.storage.lease_timeout_s if callbacks else 0)
             stop.lease = held.start()
             attempt = records.Attempt(rundir)
             return _run(cfg, callbacks, ray_cpus, rundir, init_checkpoint, held, took_over, stop, attempt)
@@ -140,6 +142,7 @@ def _run(cfg: RaySFTConfig, callbacks, ray_cpus, rundir: RunDir, init_checkpoint
               + ("; on a running Ray or a cluster the workers read only their own HF_TOKEN (job runtime_env or "
                  "node environment)" if remote else ""), flush=True)
     init_ray(cfg, num_cpus=ray_cpus)
+    stop.reinstall()  # Ray's own SIGTERM handler would kill the driver without a checkpoint
 
     spec, prepared = prepare_data(cfg, date=cfg.data.date or pinned_date(rundir))
     print(f"raysft: {describe_prepared(prepared)}", flush=True)

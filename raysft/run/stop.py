@@ -47,6 +47,12 @@ class SignalStop:
                 self._old[s] = signal.signal(s, self._handle)
         return self
 
+    def reinstall(self) -> None:
+        """Take the signals back once Ray is connected. NOTE: connecting a driver installs Ray's C++
+        failure-signal handler, which catches SIGTERM, logs "SIGTERM received" and kills the process."""
+        for s in self._old:
+            signal.signal(s, self._handle)
+
     def __exit__(self, *exc) -> None:
         for s, old in self._old.items():
             signal.signal(s, old)

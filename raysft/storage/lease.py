@@ -228,9 +228,22 @@ class Lease:
         return self.info.token
 
     @classmethod
-    def acquire(cls, run_uri: str, run_name: str, timeout_s: float) -> tuple["Lease", str | None]:
+    def acquire(cls, run_uri: str, run_name: str, timeout_s: float, *, wait_s: float = 0) -> tuple["Lease", str | None]:
         """(the lease, a line saying whose stale lease was taken over, or None). Raises
-        ``LeaseHeldError`` with the line to print when a live driver holds it."""
+        ``LeaseHeldError`` with the line to print when a live driver holds it (after ``wait_s`` of
+        waiting for it to be released or go stale: a sweep trial resumed right after its sweep was
+        interrupted, whose old trial process on another node cannot be seen to be gone)."""
+        give_up = time.time() + wait_s
+        while True:
+            try:
+                return cls._acquire(run_uri, run_name, timeout_s)
+            except LeaseHeldError:
+                if time.time() >= give_up:
+                    raise
+                time.sleep(min(5.0, timeout_s / 4))
+
+    @classmethod
+    def _acquire(cls, run_uri: str, run_name: str, timeout_s: float) -> tuple["Lease", str | None]:
         uri = files.join(run_uri, NAME)
         store = _backend(uri)
         now = time.time()
