@@ -63,3 +63,37 @@ def test_a_lease_whose_process_on_this_host_is_gone_is_taken_over_at_once(run_ur
     b, note = Lease.acquire(run_uri, "r", timeout_s=600)
     assert f"its process {held.pid} on this host is gone" in note
     b.release()
+
+
+def test_workers_stop_without_writing_when_their_drivers_lease_is_taken_over(run_uri):
+    """The workers' side (raysft/train/control.py): rank 0 watches the lease; once another driver has
+    taken it over, the next step end stops training with no save, log or evaluation; a stop request
+    instead checkpoints that step."""
+    from transformers import TrainerControl, TrainerState
+
+    from raysft.train import control as ctl
+
+    held, _ = Lease.acquire(run_uri, "r", timeout_s=0.5)
+    watch = ctl.RunControl(run_uri, held.token, rank=0, world=1)
+    state = TrainerState(global_step=4)
+    c = watch.on_step_end(None, state, TrainerControl(should_save=True, should_log=True))
+    assert c.should_save and c.should_log and not c.should_training_stop  # live: nothing changes
+    held.request_stop("SIGTERM")
+    held.renew()
+    deadline = time.time() + 10
+    while watch.verdict != ctl.STOP and time.time() < deadline:
+        time.sleep(0.1)
+    c = watch.on_step_end(None, state, TrainerControl())
+    assert c.should_save and c.should_training_stop and watch.stopped_at == 4 and watch.signal == "SIGTERM"
+
+    time.sleep(0.6)  # the driver froze past storage.lease_timeout_s: another one takes the run over
+    other, note = Lease.acquire(run_uri, "r", timeout_s=0.5)
+    assert note and "took over" in note
+    while watch.verdict != ctl.LOST and time.time() < deadline + 10:
+        time.sleep(0.1)
+    c = watch.on_step_end(None, TrainerState(global_step=5), TrainerControl(should_save=True, should_log=True,
+                                                                            should_evaluate=True))
+    assert watch.lost and c.should_training_stop and not (c.should_save or c.should_log or c.should_evaluate)
+    assert other.token in lease.read(run_uri).token and watch.holder == other.info.holder
+    watch.on_train_end(None, state, c)
+    other.release()

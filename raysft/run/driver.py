@@ -27,7 +27,7 @@ from raysft.run import anomalies, console, preflight, records, restarts
 from raysft.run import summary as summaries
 from raysft.run.failures import EXIT_LEASE, Failure, RunFailedError, RunStopped, explain, with_kept_model, write_traceback
 from raysft.run.ray_init import init_ray, ray_logging
-from raysft.run.stop import SignalStop, StopNow, exit_code
+from raysft.run.stop import SignalStop, exit_code
 from raysft.storage import checkpoints as ckpts
 from raysft.storage import files, retry
 from raysft.storage.lease import Lease
@@ -97,7 +97,7 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
     name, init_checkpoint = storage.resolve_resume(cfg.resume, cfg.storage.name)
     name = name or derived.default_run_name(cfg)
     rundir = storage.run(name)
-    held = attempt = None
+    held = None
     try:
         with SignalStop() as stop:
             # One writer per run, refused here before anything is written or Ray starts (storage/lease.py).
@@ -107,14 +107,6 @@ def run(cfg: RaySFTConfig, callbacks: list | None = None, *, ray_cpus: int | Non
             stop.lease = held.start()
             attempt = records.Attempt(rundir)
             return _run(cfg, callbacks, ray_cpus, rundir, init_checkpoint, held, took_over, stop, attempt)
-    except StopNow as e:
-        console.progress.close()
-        last = rundir.latest_checkpoint()
-        if attempt is not None:
-            attempt.end(f"stopped at once ({e.signame} twice)", None)
-        where = f"the newest is step {last.step} in {last.uri}" if last else "there is none yet"
-        raise RunStopped(exit_code(e.signame), f"stopped at once ({e.signame} twice), without a checkpoint: {where} — "
-                         "run the same command to resume from it") from None
     finally:
         if held is not None:
             held.release()

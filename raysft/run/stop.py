@@ -3,7 +3,7 @@
 The first one asks the workers, through the run's lease (``storage/lease.py``), to checkpoint at the
 end of the current step and stop; the run then ends with one line, ``raysft: stopped at step N
 (checkpoint ...) — run the same command to resume``, exit 130 / 143. A second one stops at once,
-without a checkpoint, and says so.
+without a checkpoint (the process exits there), and says so.
 
 NOTE: Ray Train's ``fit()`` installs its own SIGINT handler, which aborts the run at once (no
 checkpoint); the driver's trainer skips it (``run/driver.py``). Handlers can only be installed from
@@ -12,21 +12,14 @@ the main thread: a sweep trial (a Tune thread) has none, and Tune handles the sw
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 
 from raysft.storage.lease import Lease
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class StopNow(BaseException):
-    """The second signal: stop at once. A BaseException, so that no library's ``except Exception``
-    swallows it on the way out of ``fit()``."""
-
-    def __init__(self, signame: str):
-        super().__init__(signame)
-        self.signame = signame
 
 
 def exit_code(signame: str) -> int:
@@ -74,7 +67,12 @@ class SignalStop:
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self.signal is not None:
-            raise StopNow(name)
+            # At once: no exception raised into whatever the main thread is doing (it may hold a lock a
+            # clean-up would wait on). Ray's own processes go with this one (they die with their parent);
+            # the lease is left to go stale (at once for the next driver on this host: its pid is gone).
+            print(f"raysft: stopped at once ({name} twice), without a checkpoint — run the same command to resume "
+                  "from the newest one", file=sys.stderr, flush=True)
+            os._exit(exit_code(name))
         self.signal = name
         if self._lease is not None:
             self._lease.request_stop(name)
