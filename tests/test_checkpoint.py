@@ -10,6 +10,7 @@ import time
 
 import pytest
 from conftest import compose
+from faults import flip_bytes
 
 from raysft.storage import checkpoints as ckpts
 
@@ -145,15 +146,6 @@ def test_zero3_checkpoint_on_another_world_size_fails_before_ray_starts(tmp_path
 # ----------------------------------------------------------------------------- checksums (bytes flipped for real)
 
 
-def _flip(data: bytes, n: int = 4096) -> bytes:
-    """``n`` bytes inverted in the middle, the size unchanged (what a manifest's sizes cannot see)."""
-    b = bytearray(data)
-    n = min(n, len(b) // 2)
-    mid = len(b) // 2 - n // 2
-    b[mid:mid + n] = bytes(x ^ 0xFF for x in b[mid:mid + n])
-    return bytes(b)
-
-
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_checkpoint_with_flipped_bytes_is_skipped_for_the_previous_one(where, s3_bucket, tmp_path):
     """4 KB flipped (same size) in the newest checkpoint's shard, on disk or in S3 (the object written
@@ -174,12 +166,12 @@ def test_a_checkpoint_with_flipped_bytes_is_skipped_for_the_previous_one(where, 
         if where == "local":
             p = tmp_path / "run" / rel
             good = p.read_bytes()
-            p.write_bytes(_flip(good))
+            p.write_bytes(flip_bytes(good))
         else:
             key = f"flipped/run/{rel}"
             good = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-            client.put_object(Bucket=bucket, Key=key, Body=_flip(good))
-        return checksums.of_bytes(good), checksums.of_bytes(_flip(good))
+            client.put_object(Bucket=bucket, Key=key, Body=flip_bytes(good))
+        return checksums.of_bytes(good), checksums.of_bytes(flip_bytes(good))
 
     assert ckpts.latest_verified(run).chosen.step == 6 and all(c.checksums for c in ckpts.scan(run))
     if where == "s3":  # S3 holds each file's CRC32 as sent (checked on receipt): no download to compare

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, compose
+from faults import flip_bytes
 
 from raysft import assets
 from raysft.config import derived
@@ -189,17 +190,9 @@ def test_a_killed_prepare_is_never_used_and_the_next_one_resumes_it(ray_cluster,
     shard = set_dir / "train" / "unit-00001.parquet"
     others = {p: p.stat().st_mtime_ns for p in set_dir.glob("*/*.parquet") if p != shard}
     good = shard.read_bytes()
-    flip_bytes(shard, 2048)
+    shard.write_bytes(flip_bytes(good, 2048))
     assert shard.stat().st_size == len(good) and shard.read_bytes() != good
     repaired = prepare(spec, Storage.at(str(killed_root)), **derived.data_resources(cfg.scaling))
     assert not repaired.reused and shard.read_bytes() == good
     assert {p: p.stat().st_mtime_ns for p in others} == others  # only the corrupt one was prepared again
     assert repaired.manifest["checksums"] == clean.manifest["checksums"]
-
-
-def flip_bytes(path: Path, n: int) -> None:
-    """Invert ``n`` bytes in the middle of a file, in place (its size unchanged): bit rot at rest."""
-    data = bytearray(path.read_bytes())
-    mid = len(data) // 2 - n // 2
-    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
-    path.write_bytes(bytes(data))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import CLEAN_RUN, GROWN_ROWS, GROWN_STEPS, compose
-from faults import kill_other_actors_after
+from faults import flip_bytes, kill_other_actors_after
 
 from raysft.run import driver
 
@@ -175,9 +175,7 @@ def test_running_a_finished_run_again_trains_nothing_and_starts_no_worker(clean_
     (done / "train_summary.json").unlink()
     (only,) = [c for c in ckpts.scan(str(done)) if c.complete]
     weights = Path(only.uri) / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[len(data) // 2:len(data) // 2 + 4096] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 4096])
-    weights.write_bytes(bytes(data))
+    weights.write_bytes(flip_bytes(weights.read_bytes()))
     with pytest.raises(ckpts.CorruptCheckpointError) as corrupt:
         driver.run(compose(f"storage.path={tmp_path}", "storage.name=clean", *CLEAN_RUN))
     code, line = one_line(corrupt.value)

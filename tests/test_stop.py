@@ -25,6 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load, load_file
 from conftest import CLEAN_RUN, ROOT, compose
+from faults import flip_bytes
 
 from raysft.run import driver
 from raysft.run.failures import RunStopped
@@ -98,16 +99,15 @@ def test_signals_stop_with_a_checkpoint_and_a_second_driver_is_refused(clean_run
     # checksums, for the one before it, and the run ends as if never interrupted.
     key = f"stop-runs/{NAME}/{last.uri.rsplit('/', 1)[-1]}/model.safetensors"
     good = s3.client.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
-    bad = bytearray(good)
-    bad[len(bad) // 2:len(bad) // 2 + 4096] = bytes(b ^ 0xFF for b in bad[len(bad) // 2:len(bad) // 2 + 4096])
-    s3.client.put_object(Bucket=s3.bucket, Key=key, Body=bytes(bad))
+    bad = flip_bytes(good)
+    s3.client.put_object(Bucket=s3.bucket, Key=key, Body=bad)
     before = max(c.step for c in run.checkpoints() if c.step < last.step)
     capsys.readouterr()
     result = driver.run(compose(*args))
     out = capsys.readouterr().out
     skipped = next(x for x in out.splitlines() if "is corrupt" in x)
     assert skipped == (f"raysft: warning: checkpoint {last.uri} (step {last.step}) is corrupt: model.safetensors has "
-                       f"crc32 {checksums.of_bytes(bytes(bad))}, its manifest says {checksums.of_bytes(good)} — skipped; "
+                       f"crc32 {checksums.of_bytes(bad)}, its manifest says {checksums.of_bytes(good)} — skipped; "
                        f"using the previous complete checkpoint (step {before})"), skipped
     assert f"raysft: resuming from step {before} " in out
     assert result.max_steps == STEPS

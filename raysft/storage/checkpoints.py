@@ -27,6 +27,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from raysft.logs import LOG_ONLY
 from raysft.storage import checksums, files
 from raysft.storage.checksums import Mismatch
 
@@ -198,7 +199,8 @@ def latest_verified(run_uri: str, found: list[CheckpointInfo] | None = None, *, 
         bad = verify_stored(c)
         if not bad:
             return Choice(c, corrupt, bad is None)
-        log.warning("raysft: checkpoint %s fails its checksums: %s", c.uri, "; ".join(map(str, bad)))
+        # Every mismatch in the logs; the console gets the one line per checkpoint of Choice.lines().
+        log.warning("raysft: checkpoint %s fails its checksums: %s", c.uri, "; ".join(map(str, bad)), extra=LOG_ONLY)
         corrupt.append((c, bad[0]))
     return Choice(None, corrupt)
 
